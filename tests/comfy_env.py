@@ -1,0 +1,548 @@
+"""Test harness for integration tests against a real upstream ComfyUI checkout.
+
+Nothing here imports ComfyUI at module import time (and pytest is never needed):
+call ``import_comfy()`` first; it returns False when no ComfyUI is available.
+
+ComfyUI is found via ``$COMFYUI_PATH`` or, when this repo sits at
+``ComfyUI/custom_nodes/<pack>``, the ComfyUI root two levels up.
+
+In-process use (``import_comfy``) forces CPU mode: ``comfy.cli_args`` is imported
+first (it parses ``[]`` because ``comfy.options.args_parsing`` is False by default),
+``args.cpu = True`` is set, and only then is ``comfy.model_management`` imported
+(it reads ``args.cpu`` once, at import, to pick the device).
+
+Tiny models (random weights, nothing downloaded):
+
+* ``tiny_sd15(seed, context_dim)`` - ``comfy.supported_models.SD15`` with a shrunken
+  UNet (2 levels, 32/64 channels, 1 transformer per level + middle, 2 heads).
+  ``context_dim=2048`` gives a UNet that takes SDXL-width tokens; it is still the
+  SD15 class (EPS, 4 latent channels, no pooled/ADM input) - enough for token tests.
+* ``tiny_sd3(seed, depth, num_blocks)`` - ``comfy.supported_models.SD3`` MMDiT
+  (hidden = 64*depth, heads = depth, ``num_blocks`` joint blocks), context 4096,
+  pooled 2048, flow model (shift 3).
+
+Forward equivalence with diffusers (fp32, same weights, see tests/integration):
+
+* UNet: ``model.diffusion_model(x, t, context=c)`` ==
+  ``UNet2DConditionModel(x, t, encoder_hidden_states=c).sample`` (eps).
+  ``model.apply_model(x, sigma, c_crossattn=c)`` == ``x - sigma * eps`` where eps is
+  the diffusers output at input ``x / sqrt(sigma**2 + 1)`` and
+  ``t = model.model_sampling.timestep(sigma)`` (nearest discrete step, 0..999).
+* MMDiT: ``model.diffusion_model(x, t, context=c, y=pooled)`` ==
+  ``SD3Transformer2DModel(x, c, pooled, t).sample`` (velocity), and
+  ``model.apply_model(x, sigma, c_crossattn=c, y=pooled)`` == ``x - sigma * v`` with
+  ``t = sigma * 1000`` (no input scaling for flow models).
+"""
+import json
+import math
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+
+import torch
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Shrunken SD1.5 UNet (keys as produced by comfy.model_detection for SD1.5).
+TINY_SD15_UNET = {
+    "use_checkpoint": False, "image_size": 32, "in_channels": 4, "out_channels": 4,
+    "model_channels": 32, "channel_mult": [1, 2], "num_res_blocks": [1, 1],
+    "transformer_depth": [1, 1], "transformer_depth_output": [1, 1, 1, 1],
+    "transformer_depth_middle": 1, "use_spatial_transformer": True, "legacy": False,
+    "adm_in_channels": None, "use_linear_in_transformer": False, "context_dim": 768,
+    "use_temporal_attention": False, "use_temporal_resblock": False,
+}
+TINY_SD15_HEADS = 2
+
+
+# ---------------------------------------------------------------- locating / importing
+
+def find_comfyui():
+    """Return the ComfyUI root directory, or None if it cannot be found."""
+    def ok(p):
+        return p and os.path.isdir(os.path.join(p, "comfy")) and os.path.isfile(os.path.join(p, "main.py"))
+
+    env = os.environ.get("COMFYUI_PATH")
+    if env:
+        env = os.path.abspath(os.path.expanduser(env))
+        return env if ok(env) else None
+    # repo at ComfyUI/custom_nodes/<pack>
+    up2 = os.path.dirname(os.path.dirname(REPO_ROOT))
+    return up2 if ok(up2) else None
+
+
+_IMPORTED = None
+
+
+def import_comfy():
+    """Put ComfyUI on sys.path, force CPU mode and import the core modules. Returns True/False."""
+    global _IMPORTED
+    if _IMPORTED is not None:
+        return _IMPORTED
+    root = find_comfyui()
+    if root is None:
+        _IMPORTED = False
+        return False
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    import comfy.options  # noqa: F401  (args_parsing stays False -> parse_args([]))
+    import comfy.cli_args
+    comfy.cli_args.args.cpu = True  # must happen before comfy.model_management is imported
+    if "comfy.model_management" in sys.modules:
+        import comfy.model_management as mm
+        if mm.cpu_state != mm.CPUState.CPU:
+            raise RuntimeError("comfy.model_management was imported before CPU mode was forced")
+    import comfy.model_management  # noqa: F401
+    import comfy.model_patcher  # noqa: F401
+    import comfy.sample  # noqa: F401
+    import comfy.samplers  # noqa: F401
+    import comfy.supported_models  # noqa: F401
+    import comfy.utils  # noqa: F401
+    _IMPORTED = True
+    return True
+
+
+def _require():
+    if not import_comfy():
+        raise RuntimeError("ComfyUI not found: set COMFYUI_PATH")
+
+
+# ---------------------------------------------------------------- tiny models
+
+def sincos_pos_embed_2d(dim, grid_size):
+    """2D sin-cos table (1, grid*grid, dim), rows = h-major; first half encodes x, second y."""
+    def one(d, pos):
+        omega = 1.0 / 10000 ** (torch.arange(d // 2, dtype=torch.float64) / (d / 2.0))
+        out = pos.reshape(-1, 1) * omega[None]
+        return torch.cat([out.sin(), out.cos()], dim=1)
+
+    p = torch.arange(grid_size, dtype=torch.float64)
+    gy, gx = torch.meshgrid(p, p, indexing="ij")
+    return torch.cat([one(dim // 2, gx), one(dim // 2, gy)], dim=1).float()[None]
+
+
+def init_weights(module, seed=0, std=0.02):
+    """Seeded init: N(0, std) for >=2-D weights, zeros for biases, ones for 1-D (norm) weights.
+
+    std=None uses 1/sqrt(fan_in) instead (unit-variance activations).
+    """
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if name.endswith("bias"):
+                p.zero_()
+            elif p.ndim >= 2:
+                s = std if std is not None else p[0].numel() ** -0.5
+                p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float32) * s)
+            else:
+                p.fill_(1.0)
+    return module
+
+
+def _patcher(model):
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
+                                            offload_device=mm.unet_offload_device())
+
+
+def tiny_sd15(seed=0, context_dim=768):
+    """ModelPatcher around a tiny, randomly initialised SD1.5-type UNet (fp32, CPU)."""
+    _require()
+    import comfy.supported_models
+    unet_config = dict(TINY_SD15_UNET, context_dim=context_dim)
+    model_config = comfy.supported_models.SD15(unet_config)
+    model_config.unet_config["num_heads"] = TINY_SD15_HEADS  # SD15 forces 8 via unet_extra_config
+    model_config.set_inference_dtype(torch.float32, None)
+    model = model_config.get_model({})
+    init_weights(model.diffusion_model, seed)
+    model.eval()
+    return _patcher(model)
+
+
+def tiny_sd3(seed=0, depth=2, num_blocks=2, context_dim=4096, adm_in_channels=2048, pos_embed_max_size=16):
+    """ModelPatcher around a tiny SD3 MMDiT: hidden 64*depth, `depth` heads, `num_blocks` joint blocks.
+
+    depth=24, num_blocks=6 gives the real SD3-medium width (1536, 24 heads), ~350M params.
+    Note ComfyUI's own loaders infer num_blocks == depth from a state dict, so only
+    depth == num_blocks models round-trip through checkpoint files.
+    """
+    _require()
+    import comfy.supported_models
+    hidden = 64 * depth
+    unet_config = {
+        "in_channels": 16, "out_channels": 16, "patch_size": 2, "depth": depth, "num_blocks": num_blocks,
+        "input_size": None, "adm_in_channels": adm_in_channels,
+        "context_embedder_config": {"target": "torch.nn.Linear",
+                                    "params": {"in_features": context_dim, "out_features": hidden}},
+        "num_patches": pos_embed_max_size ** 2, "pos_embed_max_size": pos_embed_max_size,
+        "pos_embed_scaling_factor": None, "x_block_self_attn_layers": [],
+    }
+    model_config = comfy.supported_models.SD3(unet_config)
+    model_config.set_inference_dtype(torch.float32, None)
+    model = model_config.get_model({})
+    dm = model.diffusion_model
+    init_weights(dm, seed)
+    with torch.no_grad():
+        dm.pos_embed.copy_(sincos_pos_embed_2d(hidden, pos_embed_max_size))
+    model.eval()
+    return _patcher(model)
+
+
+def _base_model(model):
+    """BaseModel from a ModelPatcher or BaseModel."""
+    return getattr(model, "model", model) if not hasattr(model, "diffusion_model") else model
+
+
+# ---------------------------------------------------------------- sampling
+
+def make_cond(context, pooled=None):
+    """ComfyUI CONDITIONING list: [[tokens (B,L,D), {"pooled_output": (B,P)}]]."""
+    extra = {} if pooled is None else {"pooled_output": pooled}
+    return [[context, extra]]
+
+
+def sample(model_patcher, positive_context, negative_context, positive_pooled=None, negative_pooled=None,
+           latent_hw=(8, 8), batch=1, steps=3, cfg=4.0, seed=0, sampler_name="euler", scheduler="normal",
+           latent=None, denoise=1.0, return_calls=False):
+    """Run real ComfyUI sampling (comfy.sample.sample, i.e. what KSampler does) on a tiny latent.
+
+    Models with an ADM input (SD3) get zero pooled vectors when none are given.
+    With return_calls=True also returns one dict per model call:
+    {"cond_or_uncond": [...], "batch": int, "timestep": tensor}.
+    """
+    _require()
+    import comfy.sample
+    base = _base_model(model_patcher)
+    if latent is None:
+        c = base.latent_format.latent_channels
+        latent = torch.zeros(batch, c, *latent_hw)
+    if base.adm_channels:
+        if positive_pooled is None:
+            positive_pooled = torch.zeros(positive_context.shape[0], base.adm_channels)
+        if negative_pooled is None:
+            negative_pooled = torch.zeros(negative_context.shape[0], base.adm_channels)
+    positive = make_cond(positive_context, positive_pooled)
+    negative = make_cond(negative_context, negative_pooled)
+
+    calls = []
+    mp = model_patcher.clone()
+    inner = mp.model_options.get("model_function_wrapper")
+
+    def recorder(apply_model, args):
+        calls.append({"cond_or_uncond": list(args["cond_or_uncond"]), "batch": args["input"].shape[0],
+                      "timestep": args["timestep"].detach().clone()})
+        if inner is not None:
+            return inner(apply_model, args)
+        return apply_model(args["input"], args["timestep"], **args["c"])
+
+    mp.set_model_unet_function_wrapper(recorder)
+    noise = comfy.sample.prepare_noise(latent, seed)
+    with torch.no_grad():
+        out = comfy.sample.sample(mp, noise, steps, cfg, sampler_name, scheduler, positive, negative, latent,
+                                  denoise=denoise, disable_pbar=True, seed=seed)
+    return (out, calls) if return_calls else out
+
+
+# ---------------------------------------------------------------- diffusers conversion
+
+def _convert(key_map, comfy_sd):
+    """Apply a comfy.utils `*_to_diffusers` map (diffusers key -> comfy key | (key, narrow, fn))."""
+    out, used = {}, set()
+    for dkey, target in key_map.items():
+        if isinstance(target, str):
+            ckey, narrow, fn = target, None, None
+        else:
+            ckey, narrow = target[0], target[1]
+            fn = target[2] if len(target) > 2 else None
+        if ckey not in comfy_sd:
+            continue
+        w = comfy_sd[ckey]
+        if narrow is not None:
+            w = w.narrow(*narrow)
+        if fn is not None:
+            w = fn(w)  # only swap_scale_shift is used; it is its own inverse
+        out[dkey] = w.clone()
+        used.add(ckey)
+    left = sorted(set(comfy_sd) - used)
+    if left:
+        raise KeyError("comfy keys without a diffusers mapping: {}".format(left[:10]))
+    return out
+
+
+def _invert(key_map, diffusers_sd):
+    """Inverse of _convert: diffusers state dict -> comfy state dict (re-fusing qkv)."""
+    parts = {}
+    for dkey, target in key_map.items():
+        if dkey not in diffusers_sd:
+            continue
+        w = diffusers_sd[dkey]
+        if isinstance(target, str):
+            parts.setdefault(target, []).append((0, w))
+            continue
+        ckey, narrow = target[0], target[1]
+        if len(target) > 2:
+            w = target[2](w)
+        parts.setdefault(ckey, []).append((narrow[1] if narrow else 0, w))
+    return {k: (v[0][1] if len(v) == 1 else torch.cat([w for _, w in sorted(v, key=lambda t: t[0])], 0)).clone()
+            for k, v in parts.items()}
+
+
+def unet_key_map(unet_config):
+    """diffusers key -> comfy key for a UNet config (comfy.utils.unet_to_diffusers)."""
+    _require()
+    import comfy.utils
+    return comfy.utils.unet_to_diffusers(unet_config)
+
+
+def sd3_key_map(depth, num_blocks):
+    """diffusers key -> comfy key for an MMDiT, fixing comfy.utils.mmdit_to_diffusers for num_blocks != depth.
+
+    Upstream applies the last-block context adaLN (shift,scale)<->(scale,shift) swap to
+    block depth-1 instead of num_blocks-1.
+    """
+    _require()
+    import comfy.utils
+    km = comfy.utils.mmdit_to_diffusers({"depth": depth, "num_blocks": num_blocks})
+    last = num_blocks - 1
+    for end in ("weight", "bias"):
+        wrong = "transformer_blocks.{}.norm1_context.linear.{}".format(depth - 1, end)
+        if depth - 1 != last:
+            if depth - 1 < num_blocks:
+                km[wrong] = "joint_blocks.{}.context_block.adaLN_modulation.1.{}".format(depth - 1, end)
+            else:
+                km.pop(wrong, None)
+            km["transformer_blocks.{}.norm1_context.linear.{}".format(last, end)] = (
+                "joint_blocks.{}.context_block.adaLN_modulation.1.{}".format(last, end), None, comfy.utils.swap_scale_shift)
+    return km
+
+
+def _sd3_dims(model):
+    dm = _base_model(model).diffusion_model
+    return dm.depth, len(dm.joint_blocks)
+
+
+def comfy_to_diffusers_unet_state_dict(model, state_dict=None):
+    """Tiny SD15 (ModelPatcher/BaseModel) weights -> UNet2DConditionModel state dict."""
+    base = _base_model(model)
+    sd = state_dict if state_dict is not None else base.diffusion_model.state_dict()
+    return _convert(unet_key_map(base.model_config.unet_config), sd)
+
+
+def diffusers_to_comfy_unet_state_dict(model, diffusers_sd):
+    """UNet2DConditionModel state dict -> comfy diffusion_model state dict for `model`'s config."""
+    return _invert(unet_key_map(_base_model(model).model_config.unet_config), diffusers_sd)
+
+
+def comfy_to_diffusers_sd3_state_dict(model, state_dict=None):
+    """Tiny SD3 (ModelPatcher/BaseModel) weights -> SD3Transformer2DModel state dict."""
+    base = _base_model(model)
+    sd = state_dict if state_dict is not None else base.diffusion_model.state_dict()
+    return _convert(sd3_key_map(*_sd3_dims(base)), sd)
+
+
+def diffusers_to_comfy_sd3_state_dict(model, diffusers_sd):
+    """SD3Transformer2DModel state dict -> comfy diffusion_model state dict for `model`'s shape."""
+    return _invert(sd3_key_map(*_sd3_dims(model)), diffusers_sd)
+
+
+def diffusers_unet_config(model):
+    """UNet2DConditionModel kwargs matching a tiny comfy SD15 model (num_heads style configs only)."""
+    cfg = _base_model(model).model_config.unet_config
+    nrb = cfg["num_res_blocks"]
+    assert len(set(nrb)) == 1 and cfg["num_heads"] > 0
+    mult = cfg["channel_mult"]
+    depth = [cfg["transformer_depth"][sum(nrb[:i])] for i in range(len(mult))]
+    down = ["CrossAttnDownBlock2D" if d else "DownBlock2D" for d in depth]
+    up = ["CrossAttnUpBlock2D" if d else "UpBlock2D" for d in reversed(depth)]
+    return dict(
+        sample_size=cfg["image_size"], in_channels=cfg["in_channels"], out_channels=cfg["out_channels"],
+        down_block_types=tuple(down), up_block_types=tuple(up),
+        block_out_channels=tuple(cfg["model_channels"] * m for m in mult), layers_per_block=nrb[0],
+        transformer_layers_per_block=tuple(max(d, 1) for d in depth),
+        cross_attention_dim=cfg["context_dim"], attention_head_dim=cfg["num_heads"],  # diffusers: = #heads
+        use_linear_projection=cfg["use_linear_in_transformer"], norm_num_groups=32,
+        flip_sin_to_cos=True, freq_shift=0,
+    )
+
+
+def diffusers_sd3_config(model):
+    """SD3Transformer2DModel kwargs matching a tiny comfy SD3 model."""
+    base = _base_model(model)
+    cfg, dm = base.model_config.unet_config, base.diffusion_model
+    pe = cfg["pos_embed_max_size"]
+    return dict(
+        sample_size=pe * cfg["patch_size"],  # -> diffusers' own table == sincos_pos_embed_2d
+        patch_size=cfg["patch_size"], in_channels=cfg["in_channels"], out_channels=dm.out_channels,
+        num_layers=len(dm.joint_blocks), attention_head_dim=64, num_attention_heads=dm.depth,
+        joint_attention_dim=cfg["context_embedder_config"]["params"]["in_features"],
+        caption_projection_dim=dm.hidden_size, pooled_projection_dim=cfg["adm_in_channels"],
+        pos_embed_max_size=pe,
+    )
+
+
+def diffusers_unet(model):
+    """diffusers UNet2DConditionModel (fp32, eval) with the same weights as a tiny comfy SD15."""
+    from diffusers import UNet2DConditionModel
+    net = UNet2DConditionModel(**diffusers_unet_config(model))
+    net.load_state_dict(comfy_to_diffusers_unet_state_dict(model), strict=True)
+    return net.eval()
+
+
+def diffusers_sd3(model):
+    """diffusers SD3Transformer2DModel (fp32, eval) with the same weights as a tiny comfy SD3."""
+    from diffusers import SD3Transformer2DModel
+    net = SD3Transformer2DModel(**diffusers_sd3_config(model))
+    net.load_state_dict(comfy_to_diffusers_sd3_state_dict(model), strict=True)
+    return net.eval()
+
+
+# ---------------------------------------------------------------- server
+
+class ComfyServer:
+    """A `python main.py --cpu` subprocess bound to 127.0.0.1 with a temp base directory."""
+
+    def __init__(self, proc, port, base_dir, log_path):
+        self.proc, self.port, self.base_dir, self.log_path = proc, port, base_dir, log_path
+        self.url = "http://127.0.0.1:{}".format(port)
+        self.output_dir = os.path.join(base_dir, "output")
+
+    def get(self, path, timeout=10):
+        """GET JSON from the server."""
+        with urllib.request.urlopen(self.url + path, timeout=timeout) as r:
+            return json.loads(r.read())
+
+    def post(self, path, data, timeout=30):
+        """POST JSON; returns parsed JSON (raises RuntimeError with the body on HTTP errors)."""
+        req = urllib.request.Request(self.url + path, data=json.dumps(data).encode(),
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as r:
+                body = r.read()
+        except urllib.error.HTTPError as e:
+            raise RuntimeError("POST {} -> {}: {}".format(path, e.code, e.read().decode(errors="replace")))
+        return json.loads(body) if body else None
+
+    def log(self):
+        """Server stdout+stderr so far."""
+        with open(self.log_path, errors="replace") as f:
+            return f.read()
+
+    def post_prompt(self, graph, client_id="comfy-env-tests"):
+        """Queue an API-format graph; returns prompt_id."""
+        return self.post("/prompt", {"prompt": graph, "client_id": client_id})["prompt_id"]
+
+    def wait_history(self, prompt_id, timeout=120.0, poll=0.25):
+        """Poll /history/<id> until the prompt finished; returns its history entry."""
+        end = time.time() + timeout
+        while time.time() < end:
+            h = self.get("/history/{}".format(prompt_id))
+            if prompt_id in h and h[prompt_id].get("status", {}).get("completed") is not None:
+                return h[prompt_id]
+            if self.proc.poll() is not None:
+                raise RuntimeError("ComfyUI exited:\n" + self.log()[-4000:])
+            time.sleep(poll)
+        raise TimeoutError("prompt {} not finished after {}s".format(prompt_id, timeout))
+
+    def stop(self, timeout=15.0):
+        """Terminate (then kill) the server process and delete the temp base directory."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout)
+        shutil.rmtree(self.base_dir, ignore_errors=True)
+        return self.proc.returncode
+
+
+def free_port():
+    """An unused loopback TCP port."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+_SERVER = None
+
+
+def start_server(port=None, packs=(), extra_custom_nodes_dirs=(), timeout=60.0, extra_args=()):
+    """Launch ComfyUI on 127.0.0.1 and wait until /object_info answers; returns a ComfyServer.
+
+    Everything ComfyUI writes (models/, custom_nodes/, input/, output/, temp/, user/,
+    sqlite db) goes to a temp `--base-directory`. `packs` are node-pack directories
+    symlinked into <tmp>/custom_nodes/; `extra_custom_nodes_dirs` are directories *containing*
+    packs, registered through an `--extra-model-paths-config` YAML `custom_nodes:` entry.
+    """
+    global _SERVER
+    root = find_comfyui()
+    if root is None:
+        raise RuntimeError("ComfyUI not found: set COMFYUI_PATH")
+    port = port or free_port()
+    base = tempfile.mkdtemp(prefix="comfy_env_")
+    for d in ("custom_nodes", "models", "input", "output", "temp", "user"):
+        os.makedirs(os.path.join(base, d))
+    for p in packs:
+        p = os.path.abspath(p)
+        os.symlink(p, os.path.join(base, "custom_nodes", os.path.basename(p.rstrip("/"))))
+    cmd = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
+           "--base-directory", base, "--database-url", "sqlite:///" + os.path.join(base, "user", "comfyui.db"),
+           "--disable-api-nodes"]
+    if extra_custom_nodes_dirs:
+        yml = os.path.join(base, "extra_model_paths.yaml")
+        with open(yml, "w") as f:
+            f.write("comfy_env:\n  custom_nodes: |\n")
+            for d in extra_custom_nodes_dirs:
+                f.write("    {}\n".format(os.path.abspath(d)))
+        cmd += ["--extra-model-paths-config", yml]
+    cmd += list(extra_args)
+    env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1", PYTHONUNBUFFERED="1")
+    log_path = os.path.join(base, "server.log")
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL)
+    server = ComfyServer(proc, port, base, log_path)
+    _SERVER = server
+    end = time.time() + timeout
+    while True:
+        if proc.poll() is not None:
+            text = server.log()
+            server.stop()
+            raise RuntimeError("ComfyUI exited with {}:\n{}".format(proc.returncode, text[-4000:]))
+        try:
+            server.get("/object_info", timeout=5)
+            return server
+        except (urllib.error.URLError, ConnectionError, OSError, ValueError):
+            pass
+        if time.time() > end:
+            text = server.log()
+            server.stop()
+            raise TimeoutError("ComfyUI did not answer /object_info in {}s:\n{}".format(timeout, text[-4000:]))
+        time.sleep(0.5)
+
+
+def stop_server(server=None):
+    """Stop `server` (default: the last one started)."""
+    global _SERVER
+    server = server or _SERVER
+    if server is not None:
+        server.stop()
+    if server is _SERVER:
+        _SERVER = None
+
+
+def post_prompt(graph, server=None):
+    """Queue a graph on `server` (default: the last one started); returns prompt_id."""
+    return (server or _SERVER).post_prompt(graph)
+
+
+def wait_history(prompt_id, timeout=120.0, server=None):
+    """Wait for a prompt on `server` (default: the last one started); returns its history entry."""
+    return (server or _SERVER).wait_history(prompt_id, timeout)

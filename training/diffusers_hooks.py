@@ -1,0 +1,147 @@
+"""Soft-token insertion into diffusers models through forward hooks.
+
+The model's weights and code stay untouched: hooks swap the text stream on the way into the
+selected layers (and, for MMDiT, strip it on the way out). All semantics come from the
+layout (training/layouts.py) and the SoftTokens module, exactly like the ComfyUI patch.
+
+Supported: ``UNet2DConditionModel`` (SD1.5, SDXL; tokens go into every cross-attention
+``attn2`` of the enabled block groups) and ``SD3Transformer2DModel`` (tokens go into the
+text stream of the selected joint blocks).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+
+import torch
+
+from .layouts import MMDIT, UNET
+from .tokens import SoftTokens
+
+_UNET_GROUPS = {"down": "down_blocks", "mid": "mid_block", "up": "up_blocks"}
+
+
+def model_family(model) -> str:
+    """'unet' or 'mmdit' for a supported diffusers denoiser, else ValueError."""
+    name = type(model).__name__
+    if hasattr(model, "down_blocks") and hasattr(model, "mid_block"):
+        return UNET
+    if hasattr(model, "transformer_blocks") and hasattr(model, "context_embedder"):
+        return MMDIT
+    raise ValueError(f"{name} is not a supported denoiser (UNet2DConditionModel or SD3Transformer2DModel)")
+
+
+def describe_model(model) -> dict:
+    """The facts a layout is checked against: family, text width, blocks, embedder width."""
+    family = model_family(model)
+    cfg = model.config
+    if family == UNET:
+        width = cfg.cross_attention_dim
+        width = width[0] if isinstance(width, (list, tuple)) else width
+        return {"family": UNET, "text_width": int(width)}
+    return {"family": MMDIT, "text_width": int(cfg.num_attention_heads * cfg.attention_head_dim),
+            "n_blocks": len(model.transformer_blocks), "embed_width": int(cfg.joint_attention_dim)}
+
+
+class TokenInjector:
+    """Inserts SoftTokens into a diffusers denoiser while installed.
+
+    Use ``set_index`` (int or (B,) LongTensor, AGSM polarity) and ``enabled`` to steer it;
+    ``with injector.tokens_set(idx):`` sets the set index for one call. The timestep is
+    read from the model's own forward call.
+    """
+
+    def __init__(self, model, tokens: SoftTokens):
+        info = describe_model(model)
+        tokens.layout.check_model(info["family"], info["text_width"], info.get("n_blocks"),
+                                  info.get("embed_width"))
+        self.model, self.tokens, self.layout = model, tokens, tokens.layout
+        self.enabled = True
+        self.set_index = 0
+        self._t = None
+        self._cache = {}
+        self._handles = [model.register_forward_pre_hook(self._on_model_call, with_kwargs=True),
+                         model.register_forward_hook(self._after_model_call)]
+        self._forward_sig = inspect.signature(model.forward)
+        if info["family"] == UNET:
+            for group in self.layout.blocks:
+                for attn in _unet_cross_attentions(model, group):
+                    self._handles.append(attn.register_forward_pre_hook(self._on_attn2, with_kwargs=True))
+        else:
+            for layer, idx in enumerate(self.layout.blocks):
+                block = model.transformer_blocks[idx]
+                self._handles.append(block.register_forward_pre_hook(
+                    self._make_block_pre(layer), with_kwargs=True))
+                self._handles.append(block.register_forward_hook(self._block_post))
+
+    def remove(self):
+        """Uninstall every hook; the model is exactly as before."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    @contextlib.contextmanager
+    def tokens_set(self, set_index):
+        old = self.set_index
+        self.set_index = set_index
+        try:
+            yield
+        finally:
+            self.set_index = old
+
+    # --- hooks ---------------------------------------------------------------------------
+    def _on_model_call(self, module, args, kwargs):
+        bound = self._forward_sig.bind_partial(*args, **kwargs).arguments
+        sample = bound.get("sample", bound.get("hidden_states"))
+        t = torch.as_tensor(bound["timestep"], device=sample.device)
+        self._t = t.reshape(-1).expand(sample.shape[0]) if t.numel() == 1 else t.reshape(-1)
+        self._cache = {}
+
+    def _after_model_call(self, module, args, output):
+        self._cache = {}
+
+    def _layer_tokens(self, layer: int) -> torch.Tensor:
+        key = layer
+        if key not in self._cache:
+            project = self.model.context_embedder if self.layout.projected else None
+            self._cache[key] = self.tokens.layer_tokens(layer, self._t, self.set_index, project)
+        return self._cache[key]
+
+    def _on_attn2(self, module, args, kwargs):
+        if not self.enabled:
+            return None
+        ehs = kwargs.get("encoder_hidden_states")
+        if ehs is None:
+            return None
+        kwargs["encoder_hidden_states"] = self.layout.insert(ehs, self._layer_tokens(0))
+        return args, kwargs
+
+    def _make_block_pre(self, layer: int):
+        def hook(module, args, kwargs):
+            if not self.enabled:
+                return None
+            tokens = self._layer_tokens(layer)
+            if "encoder_hidden_states" in kwargs:
+                kwargs["encoder_hidden_states"] = self.layout.insert(kwargs["encoder_hidden_states"], tokens)
+            else:  # gradient-checkpointing path passes everything positionally
+                args = (args[0], self.layout.insert(args[1], tokens)) + tuple(args[2:])
+            return args, kwargs
+        return hook
+
+    def _block_post(self, module, args, output):
+        if not self.enabled:
+            return None
+        ehs, hs = output
+        return (None if ehs is None else self.layout.strip(ehs)), hs
+
+
+def _unet_cross_attentions(model, group: str):
+    blocks = getattr(model, _UNET_GROUPS[group])
+    blocks = [blocks] if group == "mid" else list(blocks)
+    for block in blocks:
+        if block is None:
+            continue
+        for name, mod in block.named_modules():
+            if name.endswith("attn2") and getattr(mod, "is_cross_attention", True):
+                yield mod

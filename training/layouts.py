@@ -1,0 +1,255 @@
+"""Token layouts: the single source of truth for where soft tokens live in each architecture.
+
+A layout answers, for one token file and one model family:
+- which layers get tokens (UNet block groups, or MMDiT joint-block indices);
+- where the tokens enter the text sequence and how they are removed again;
+- the width of the static tokens and whether they are projected by the model's
+  ``context_embedder`` first (SD3 4096-wide tokens) or live in the text stream's own width;
+- the time table and its bucketing;
+- the token sets (one for SoftREPA; psi+ and psi- for AGSM).
+
+Both the ComfyUI patch (``nodes/patch.py``) and the diffusers hooks (``training/diffusers_hooks.py``)
+call into this module, so the two cannot drift apart. See ALGORITHMS.md section 1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+
+import torch
+
+UNET = "unet"
+MMDIT = "mmdit"
+
+# Architecture presets. Widths are those of the released models; tiny test models use the
+# same families with other widths (a layout carries its own widths).
+ARCH_FAMILY = {"sd15": UNET, "sdxl": UNET, "sd3": MMDIT}
+UNET_GROUPS = ("down", "mid", "up")
+POSITIONS = ("after_bos", "prepend", "append")
+METHODS = ("softrepa", "agsm")
+SETS = {"softrepa": ("main",), "agsm": ("pos", "neg")}
+
+N_BUCKETS = 100
+T_MAX = 1000
+
+
+def time_bucket(t: torch.Tensor, n_buckets: int = N_BUCKETS) -> torch.Tensor:
+    """Map timesteps (any shape, float or int, 0..1000) to time-table rows, as the official code does.
+
+    The timestep is truncated to an integer (toward zero). If *any* element is >= 1000, 1 is
+    subtracted from *all* of them (so SD3's first step t=1000 lands in bucket 99). Then
+    bucket = t // 10. Values outside 0..999 after that rule are clamped into range.
+    """
+    ti = t.to(torch.int64)
+    ti = ti - (ti >= T_MAX).any().to(torch.int64)  # no host sync: a 0-dim tensor
+    return torch.div(ti, T_MAX // n_buckets, rounding_mode="floor").clamp(0, n_buckets - 1)
+
+
+@dataclass(frozen=True)
+class TokenLayout:
+    """Where and how a set of soft tokens is inserted into one model family.
+
+    Attributes:
+        arch: "sd15", "sdxl" or "sd3" (the preset the tokens were made for).
+        method: "softrepa" or "agsm" (decides the token sets).
+        n_tokens: m, tokens per set and layer.
+        width: width of the stored static tokens.
+        text_width: width of the text stream the tokens are inserted into (the UNet's
+            cross-attention width, or the MMDiT hidden width).
+        blocks: UNet block groups ("down", "mid", "up") sharing one token set, or the MMDiT
+            joint-block indices; token layer k goes to blocks[k].
+        time_buckets: rows of the time table (100), or 0 for no time-dependent part.
+        position: "after_bos" (UNet), "prepend" (SoftREPA SD3) or "append" (AGSM SD3).
+    """
+
+    arch: str
+    method: str
+    n_tokens: int
+    width: int
+    text_width: int
+    blocks: tuple
+    time_buckets: int = N_BUCKETS
+    position: str = ""
+
+    def __post_init__(self):
+        if self.arch not in ARCH_FAMILY:
+            raise ValueError(f"unknown architecture {self.arch!r}; expected one of {sorted(ARCH_FAMILY)}")
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; expected one of {METHODS}")
+        if self.n_tokens < 1:
+            raise ValueError(f"n_tokens must be >= 1, got {self.n_tokens}")
+        if self.time_buckets not in (0, N_BUCKETS):
+            raise ValueError(f"time_buckets must be 0 or {N_BUCKETS}, got {self.time_buckets}")
+        blocks = tuple(self.blocks)
+        if not blocks:
+            raise ValueError("a layout needs at least one block")
+        if self.family == UNET:
+            bad = [b for b in blocks if b not in UNET_GROUPS]
+            if bad:
+                raise ValueError(f"UNet block groups must be among {UNET_GROUPS}, got {bad}")
+            blocks = tuple(g for g in UNET_GROUPS if g in blocks)  # canonical order, no duplicates
+            if self.width != self.text_width:
+                raise ValueError("UNet tokens live in the cross-attention space: width must equal text_width")
+        else:
+            blocks = tuple(int(b) for b in blocks)
+            if min(blocks) < 0 or len(set(blocks)) != len(blocks):
+                raise ValueError(f"MMDiT blocks must be distinct non-negative indices, got {blocks}")
+        object.__setattr__(self, "blocks", blocks)
+        position = self.position or default_position(self.arch, self.method)
+        if position not in POSITIONS:
+            raise ValueError(f"position must be one of {POSITIONS}, got {position!r}")
+        if (position == "after_bos") != (self.family == UNET):
+            raise ValueError(f"position {position!r} does not fit the {self.family} family")
+        object.__setattr__(self, "position", position)
+
+    # --- derived facts -------------------------------------------------------------------
+    @property
+    def family(self) -> str:
+        return ARCH_FAMILY[self.arch]
+
+    @property
+    def sets(self) -> tuple:
+        return SETS[self.method]
+
+    @property
+    def n_layers(self) -> int:
+        """Token layers: 1 for UNets (one set shared by all enabled layers), else one per block."""
+        return 1 if self.family == UNET else len(self.blocks)
+
+    @property
+    def projected(self) -> bool:
+        """True when static tokens pass through the model's frozen context_embedder (SD3 4096-d)."""
+        return self.width != self.text_width
+
+    @property
+    def static_shape(self) -> tuple:
+        return (len(self.sets), self.n_layers, self.n_tokens, self.width)
+
+    @property
+    def time_shape(self) -> tuple | None:
+        return (self.time_buckets, self.n_layers * self.text_width) if self.time_buckets else None
+
+    def layer_of_block(self, block) -> int | None:
+        """Token layer used by a block (UNet group name or MMDiT index), or None if it gets none."""
+        if self.family == UNET:
+            return 0 if block in self.blocks else None
+        try:
+            return self.blocks.index(int(block))
+        except ValueError:
+            return None
+
+    # --- insertion and removal -----------------------------------------------------------
+    def insert(self, text: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Insert tokens (B or 1, m, text_width) into text (B, n, text_width) -> (B, n+m, text_width)."""
+        tokens = tokens.to(text.dtype).expand(text.shape[0], -1, -1)
+        if self.position == "after_bos":
+            return torch.cat([text[:, :1], tokens, text[:, 1:]], dim=1)
+        if self.position == "prepend":
+            return torch.cat([tokens, text], dim=1)
+        return torch.cat([text, tokens], dim=1)
+
+    def strip(self, text: torch.Tensor) -> torch.Tensor:
+        """Remove the m inserted positions again (MMDiT: after each block)."""
+        m = self.n_tokens
+        if self.position == "after_bos":
+            return torch.cat([text[:, :1], text[:, 1 + m:]], dim=1)
+        if self.position == "prepend":
+            return text[:, m:]
+        return text[:, :-m]
+
+    def token_span(self, n_text: int) -> tuple:
+        """(start, stop) of the soft tokens inside a text sequence of n_text original positions."""
+        m = self.n_tokens
+        start = {"after_bos": 1, "prepend": 0, "append": n_text}[self.position]
+        return start, start + m
+
+    # --- compatibility with a loaded model -----------------------------------------------
+    def check_model(self, family: str, text_width: int, n_blocks: int | None = None,
+                    embed_width: int | None = None, name: str = "token file") -> None:
+        """Raise ValueError naming both sides if these tokens do not fit the described model.
+
+        family/text_width describe the model's text stream (UNet cross-attention width or
+        MMDiT hidden width); n_blocks is the MMDiT joint-block count; embed_width the input
+        width of its context_embedder (needed for projected tokens).
+        """
+        what = f"{name} ({self.describe()})"
+        if family != self.family:
+            raise ValueError(f"{what} is for a {self.family.upper()} model, but the loaded model is "
+                             f"a {family.upper()} model. Use tokens trained for this model's architecture.")
+        if text_width != self.text_width:
+            raise ValueError(f"{what} has text width {self.text_width}, but the loaded model's text "
+                             f"stream is {text_width} wide ({_guess_arch(family, text_width)}). "
+                             "Use tokens trained for this model.")
+        if self.family == MMDIT:
+            if n_blocks is not None and max(self.blocks) >= n_blocks:
+                raise ValueError(f"{what} needs joint blocks {list(self.blocks)}, but the loaded "
+                                 f"model has only {n_blocks} joint blocks.")
+            if self.projected and embed_width != self.width:
+                raise ValueError(f"{what} stores {self.width}-wide tokens for the context_embedder, "
+                                 f"but the loaded model's context_embedder takes {embed_width}.")
+
+    def describe(self) -> str:
+        where = "+".join(self.blocks) if self.family == UNET else f"blocks {_ranges(self.blocks)}"
+        time = "time table" if self.time_buckets else "no time table"
+        return (f"{self.method} {self.arch}, {self.n_tokens} tokens x {self.width}, {where}, "
+                f"{self.position}, {time}")
+
+    # --- (de)serialisation ---------------------------------------------------------------
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "TokenLayout":
+        d = json.loads(text)
+        d["blocks"] = tuple(d["blocks"])
+        return cls(**d)
+
+    def replace(self, **changes) -> "TokenLayout":
+        return dataclasses.replace(self, **changes)
+
+
+def default_position(arch: str, method: str) -> str:
+    """UNets insert after BOS; SoftREPA SD3 prepends, AGSM SD3 appends (ALGORITHMS 1.1, 1.3)."""
+    if ARCH_FAMILY[arch] == UNET:
+        return "after_bos"
+    return "append" if method == "agsm" else "prepend"
+
+
+def default_blocks(arch: str, method: str, n_layers: int = 5) -> tuple:
+    """Block groups each official release was trained with (ALGORITHMS 4.1, pitfall 10).
+
+    SoftREPA SD1.5: down only; SoftREPA SDXL and every AGSM UNet: down + mid; SD3: the first
+    n_layers joint blocks.
+    """
+    if ARCH_FAMILY[arch] == MMDIT:
+        return tuple(range(n_layers))
+    if arch == "sd15" and method == "softrepa":
+        return ("down",)
+    return ("down", "mid")
+
+
+def parse_blocks(text: str) -> tuple:
+    """Parse a user's block choice: "down,mid" (UNet groups), or "0-4" / "0,1,2" (MMDiT blocks)."""
+    parts = [p.strip() for p in str(text).split(",") if p.strip()]
+    if not all(p.replace("-", "").isdigit() for p in parts):
+        return tuple(parts)
+    out = []
+    for p in parts:
+        a, _, b = p.partition("-")
+        out.extend(range(int(a), int(b or a) + 1))
+    return tuple(out)
+
+
+def _guess_arch(family: str, text_width: int) -> str:
+    if family == UNET:
+        return {768: "SD1.5-like", 1024: "SD2-like", 2048: "SDXL-like"}.get(text_width, "UNet")
+    return {1536: "SD3-medium-like"}.get(text_width, "MMDiT")
+
+
+def _ranges(idx) -> str:
+    idx = list(idx)
+    if idx == list(range(idx[0], idx[0] + len(idx))):
+        return f"{idx[0]}-{idx[-1]}" if len(idx) > 1 else str(idx[0])
+    return ",".join(map(str, idx))
