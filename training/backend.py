@@ -11,8 +11,10 @@ Conventions:
 - Conditioning is a ``Cond``: a dict of tensors whose first dim is the prompt batch, e.g.
   ``{"context": (P, 77, 768)}`` for SD1.5, plus ``"text_embeds"``/``"time_ids"`` for SDXL or
   ``"pooled"`` for SD3. ``select_cond`` picks rows.
+- ``tokens`` is passed per call, so one backend serves online and EMA tokens (AGSM) and the
+  plain model (``tokens=None``).
 - ``set_index`` is an int for the whole batch or a LongTensor (N,) (AGSM polarity: 0 = psi+,
-  1 = psi-). ``use_tokens=False`` runs the plain frozen model.
+  1 = psi-).
 """
 
 from __future__ import annotations
@@ -33,7 +35,6 @@ def select_cond(cond: Cond, index: torch.Tensor) -> Cond:
 
 class Backend(Protocol):
     prediction: str  # "epsilon" (SD1.5/SDXL) or "flow" (SD3 velocity eps - x0)
-    tokens: SoftTokens
 
     def noisy(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """z_t from clean latents x0 (N,C,h,w), noise (N or 1,C,h,w) and t (N,)."""
@@ -41,9 +42,13 @@ class Backend(Protocol):
     def target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """The native regression target: noise (epsilon) or noise - x0 (flow)."""
 
-    def predict(self, z_t: torch.Tensor, t: torch.Tensor, cond: Cond, set_index=0,
-                use_tokens: bool = True) -> torch.Tensor:
-        """The denoiser's prediction (N,C,h,w) for z_t at t with conditioning rows cond."""
+    def predict(self, z_t: torch.Tensor, t: torch.Tensor, cond: Cond,
+                tokens: SoftTokens | None, set_index=0) -> torch.Tensor:
+        """The denoiser's prediction (N,C,h,w) for z_t at t with conditioning rows ``cond``.
+
+        ``tokens`` are inserted per their layout (None runs the plain frozen model); gradients
+        flow into them when grad is enabled. The frozen backbone never receives gradients.
+        """
 
 
 # --- forward processes shared by backends ----------------------------------------------------
