@@ -127,10 +127,12 @@ def sincos_pos_embed_2d(dim, grid_size):
     return torch.cat([one(dim // 2, gx), one(dim // 2, gy)], dim=1).float()[None]
 
 
-def init_weights(module, seed=0, std=0.02):
+def init_weights(module, seed=0, std=None):
     """Seeded init: N(0, std) for >=2-D weights, zeros for biases, ones for 1-D (norm) weights.
 
-    std=None uses 1/sqrt(fan_in) instead (unit-variance activations).
+    std=None (default) uses 1/sqrt(fan_in): activations stay O(1), so outputs clearly depend
+    on context/timestep/pooled. std=0.02 works too but makes the MMDiT's adaLN modulation
+    and context dependence tiny (~1e-4).
     """
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -152,7 +154,7 @@ def _patcher(model):
                                             offload_device=mm.unet_offload_device())
 
 
-def tiny_sd15(seed=0, context_dim=768):
+def tiny_sd15(seed=0, context_dim=768, init_std=None):
     """ModelPatcher around a tiny, randomly initialised SD1.5-type UNet (fp32, CPU)."""
     _require()
     import comfy.supported_models
@@ -161,12 +163,13 @@ def tiny_sd15(seed=0, context_dim=768):
     model_config.unet_config["num_heads"] = TINY_SD15_HEADS  # SD15 forces 8 via unet_extra_config
     model_config.set_inference_dtype(torch.float32, None)
     model = model_config.get_model({})
-    init_weights(model.diffusion_model, seed)
+    init_weights(model.diffusion_model, seed, init_std)
     model.eval()
     return _patcher(model)
 
 
-def tiny_sd3(seed=0, depth=2, num_blocks=2, context_dim=4096, adm_in_channels=2048, pos_embed_max_size=16):
+def tiny_sd3(seed=0, depth=2, num_blocks=2, context_dim=4096, adm_in_channels=2048, pos_embed_max_size=16,
+             init_std=None):
     """ModelPatcher around a tiny SD3 MMDiT: hidden 64*depth, `depth` heads, `num_blocks` joint blocks.
 
     depth=24, num_blocks=6 gives the real SD3-medium width (1536, 24 heads), ~350M params.
@@ -188,7 +191,7 @@ def tiny_sd3(seed=0, depth=2, num_blocks=2, context_dim=4096, adm_in_channels=20
     model_config.set_inference_dtype(torch.float32, None)
     model = model_config.get_model({})
     dm = model.diffusion_model
-    init_weights(dm, seed)
+    init_weights(dm, seed, init_std)
     with torch.no_grad():
         dm.pos_embed.copy_(sincos_pos_embed_2d(hidden, pos_embed_max_size))
     model.eval()

@@ -47,9 +47,10 @@ def describe_model(model) -> dict:
 class TokenInjector:
     """Inserts SoftTokens into a diffusers denoiser while installed.
 
-    Use ``set_index`` (int or (B,) LongTensor, AGSM polarity) and ``enabled`` to steer it;
-    ``with injector.tokens_set(idx):`` sets the set index for one call. The timestep is
-    read from the model's own forward call.
+    ``with injector.using(tokens, set_index):`` chooses the tokens (None: plain model; any
+    SoftTokens of the same layout, e.g. AGSM's EMA copy) and the set index (int or (B,)
+    LongTensor, AGSM polarity) for the calls inside. The timestep is read from the model's
+    own forward call.
     """
 
     def __init__(self, model, tokens: SoftTokens):
@@ -82,13 +83,22 @@ class TokenInjector:
         self._handles = []
 
     @contextlib.contextmanager
-    def tokens_set(self, set_index):
-        old = self.set_index
-        self.set_index = set_index
+    def using(self, tokens: SoftTokens | None, set_index=0):
+        if tokens is not None and tokens.layout != self.layout:
+            raise ValueError(f"tokens ({tokens.layout.describe()}) do not match the installed layout "
+                             f"({self.layout.describe()})")
+        old = self.tokens, self.enabled, self.set_index
+        self.tokens, self.enabled, self.set_index = (tokens or self.tokens), tokens is not None, set_index
         try:
             yield
         finally:
-            self.set_index = old
+            self.tokens, self.enabled, self.set_index = old
+
+    @contextlib.contextmanager
+    def tokens_set(self, set_index):
+        """Use the installed tokens with another set index (AGSM polarity) inside the block."""
+        with self.using(self.tokens, set_index):
+            yield
 
     # --- hooks ---------------------------------------------------------------------------
     def _on_model_call(self, module, args, kwargs):
