@@ -1,0 +1,18 @@
+"""Everything that imports ComfyUI: MODEL patching and the node classes."""
+
+from comfy_api.latest import ComfyExtension, io
+
+from .loader_nodes import ApplySoftTokens, LoadSoftTokens
+from .paths import register_folder
+
+NODES = [LoadSoftTokens, ApplySoftTokens]
+
+
+class SoftTokensExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return NODES
+
+
+async def comfy_entrypoint() -> SoftTokensExtension:
+    register_folder()
+    return SoftTokensExtension()

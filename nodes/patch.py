@@ -1,0 +1,228 @@
+"""Patching ComfyUI MODEL objects with soft tokens.
+
+The patch always goes on a *clone* of the ModelPatcher; the input model is never mutated.
+Token semantics (which layers, where tokens go, time buckets) come from training/layouts.py
+and training/tokens.py, the same code the diffusers backend uses.
+
+- UNet (SD1.5, SDXL): an ``attn2_patch`` inserts the tokens after BOS into the context (and
+  value) of every cross-attention layer in the layout's block groups.
+- MMDiT (SD3): a ``dit``/``double_block`` replace prepends (or appends) the tokens to the text
+  stream, runs the original block (or the replace another pack installed before us), and
+  strips them again; the last, ``pre_only`` block returns no text stream.
+- The timestep comes from sigma through the model's own ``model_sampling``.
+
+Strength. 1 is the official behaviour. 0 installs nothing, so the output is bit-identical to
+the unpatched model. In between (and above 1) the soft tokens are inserted as usual and the
+attention logits of their keys get log(strength) added: every query gives the soft tokens
+``strength`` times the attention mass it would give them at strength 1, relative to the text
+tokens. This is continuous in strength, tends to "no tokens" as strength -> 0, and costs no
+extra denoiser pass. "Cond only" uses the same mechanism with -inf for the uncond rows of a
+batched CFG call, which removes the tokens from those rows exactly.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+
+from ..training.layouts import MMDIT, UNET
+from ..training.tokens import SoftTokens
+
+APPLY_TO = ("both", "cond_only")
+_GROUP_OF_BLOCK = {"input": "down", "middle": "mid", "output": "up"}
+_OVERRIDE_KEY = "optimized_attention_override"
+
+
+class _Shared:
+    """Mixin: ComfyUI deep-copies model_options on clone(); our patch objects are shared instead."""
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+def model_facts(model) -> dict:
+    """Family and text-stream widths of a ComfyUI ModelPatcher's denoiser (for layout checks)."""
+    dm = model.model.diffusion_model
+    if hasattr(dm, "joint_blocks"):
+        embed = getattr(dm, "context_embedder", None)
+        return {"family": MMDIT, "text_width": int(dm.hidden_size), "n_blocks": len(dm.joint_blocks),
+                "embed_width": getattr(embed, "in_features", None), "name": type(model.model).__name__}
+    if hasattr(dm, "input_blocks") and hasattr(dm, "middle_block"):
+        ctx = model.model.model_config.unet_config.get("context_dim")
+        return {"family": UNET, "text_width": int(ctx), "name": type(model.model).__name__}
+    raise ValueError(f"soft tokens support SD1.5/SDXL UNets and SD3 MMDiT models; "
+                     f"{type(model.model).__name__} ({type(dm).__name__}) is not supported yet")
+
+
+class SoftTokenPatch(_Shared):
+    """Per-model state of one soft-token patch: tokens on the right device, timestep, bias."""
+
+    def __init__(self, tokens: SoftTokens, model_sampling, strength: float, apply_to: str,
+                 project=None, set_index: int = 0):
+        self.tokens, self.layout = tokens, tokens.layout
+        self.model_sampling, self.project, self.set_index = model_sampling, project, set_index
+        self.strength, self.apply_to = float(strength), apply_to
+        self.needs_bias = self.strength != 1.0 or apply_to != "both"
+        self.pending = None  # (start, stop, expected key length, row bias) for the next attention
+        self._device_tokens = {}
+        self._cache_sigmas, self._cache = None, {}
+
+    def _tokens_on(self, device) -> SoftTokens:
+        if self.tokens.static.device == device:
+            return self.tokens
+        if device not in self._device_tokens:  # inference copy; training keeps tokens on device
+            self._device_tokens[device] = copy.deepcopy(self.tokens).requires_grad_(False).to(device)
+        return self._device_tokens[device]
+
+    def layer_tokens(self, layer: int, transformer_options: dict, batch: int, like: torch.Tensor):
+        """Tokens (batch, m, width) for the current step, cached across the layers of one call."""
+        sigmas = transformer_options["sigmas"]
+        if self._cache_sigmas is not sigmas:  # a new denoiser call
+            self._cache_sigmas, self._cache = sigmas, {}
+        key = (layer, batch, like.device, like.dtype)
+        if key not in self._cache:
+            t = self.model_sampling.timestep(sigmas).reshape(-1).float()
+            if t.numel() != batch:
+                t = t.expand(batch) if t.numel() == 1 else t.repeat_interleave(batch // t.numel())
+            tokens = self._tokens_on(like.device).layer_tokens(layer, t, self.set_index, self.project)
+            self._cache[key] = tokens.to(like.dtype).expand(batch, -1, -1)
+        return self._cache[key]
+
+    def row_bias(self, transformer_options: dict, batch: int, device, dtype) -> torch.Tensor:
+        """Per-row additive logit bias for the soft-token keys: log(strength), -inf where excluded."""
+        value = math.log(self.strength) if self.strength > 0 else -math.inf
+        bias = torch.full((batch,), value, device=device, dtype=dtype)
+        if self.apply_to == "cond_only":
+            chunks = transformer_options.get("cond_or_uncond") or [0]
+            per = batch // len(chunks)
+            for i, kind in enumerate(chunks):
+                if kind == 1:  # 1 = uncond chunk of a batched CFG call
+                    bias[i * per:(i + 1) * per] = -math.inf
+        return bias
+
+    def arm(self, transformer_options: dict, n_text: int, key_len: int, batch: int, like):
+        """Remember the bias for the next attention call (consumed by AttentionBias)."""
+        if self.needs_bias:
+            start, stop = self.layout.token_span(n_text)
+            self.pending = (start, stop, key_len, self.row_bias(transformer_options, batch, like.device, like.dtype))
+
+    # --- UNet ---------------------------------------------------------------------------
+    def attn2(self, n, context, value, extra_options):
+        group = _GROUP_OF_BLOCK.get((extra_options.get("block") or ("",))[0])
+        if group not in self.layout.blocks:
+            return n, context, value
+        tokens = self.layer_tokens(0, extra_options, context.shape[0], context)
+        new_context = self.layout.insert(context, tokens)
+        new_value = new_context if value is context else self.layout.insert(value, tokens)
+        self.arm(extra_options, context.shape[1], new_context.shape[1], context.shape[0], context)
+        return n, new_context, new_value
+
+
+class BlockPatch(_Shared):
+    """MMDiT double-block replace: insert, run the block (or a previous replace), strip."""
+
+    def __init__(self, patch: SoftTokenPatch, layer: int, previous=None):
+        self.patch, self.layer, self.previous = patch, layer, previous
+
+    def __call__(self, args, extra):
+        p = self.patch
+        txt, img = args["txt"], args["img"]
+        to = args["transformer_options"]
+        tokens = p.layer_tokens(self.layer, to, txt.shape[0], txt)
+        new_txt = p.layout.insert(txt, tokens)
+        p.arm(to, txt.shape[1], new_txt.shape[1] + img.shape[1], txt.shape[0], txt)
+        new_args = dict(args, txt=new_txt)
+        try:
+            if self.previous is not None:
+                out = self.previous(new_args, extra)
+            else:
+                out = extra["original_block"](new_args)
+        finally:
+            p.pending = None
+        out = dict(out)
+        if out.get("txt") is not None:  # the last (pre_only) block returns no text stream
+            out["txt"] = p.layout.strip(out["txt"])
+        return out
+
+
+class AttentionBias(_Shared):
+    """Attention override that adds the armed soft-token bias to the next matching call.
+
+    Chains to an override another pack installed before us.
+    """
+
+    def __init__(self, patch: SoftTokenPatch, previous=None):
+        self.patch, self.previous = patch, previous
+
+    def __call__(self, func, *args, **kwargs):
+        pending = self.patch.pending
+        if pending is not None:
+            start, stop, key_len, bias = pending
+            k = args[1] if len(args) > 1 else kwargs["k"]
+            n_keys = k.shape[2] if kwargs.get("skip_reshape") else k.shape[1]
+            if n_keys == key_len:
+                self.patch.pending = None
+                extra = torch.zeros(bias.shape[0], 1, 1, n_keys, device=k.device, dtype=k.dtype)
+                extra[:, 0, 0, start:stop] = bias.to(k.dtype)[:, None]
+                mask = kwargs.get("mask")
+                if mask is None and len(args) > 4:
+                    args, mask = args[:4], args[4]
+                kwargs["mask"] = extra if mask is None else _as_float_4d(mask, k.dtype) + extra
+        if self.previous is not None:
+            return self.previous(func, *args, **kwargs)
+        return func(*args, **kwargs)
+
+
+def _as_float_4d(mask, dtype):
+    if mask.dtype == torch.bool:
+        mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, -math.inf)
+    while mask.ndim < 4:
+        mask = mask.unsqueeze(-3)
+    return mask.to(dtype)
+
+
+def _existing_soft_patches(model) -> list:
+    to = model.model_options.get("transformer_options", {})
+    found = [p.__self__ for p in to.get("patches", {}).get("attn2_patch", [])
+             if isinstance(getattr(p, "__self__", None), SoftTokenPatch)]
+    found += [b.patch for b in to.get("patches_replace", {}).get("dit", {}).values() if isinstance(b, BlockPatch)]
+    return found
+
+
+def apply_soft_tokens(model, tokens: SoftTokens, strength: float = 1.0, apply_to: str = "both",
+                      name: str = "soft tokens"):
+    """A patched clone of a ComfyUI MODEL with the tokens inserted. The input is not changed.
+
+    Raises ValueError (naming the file and the model) when the tokens do not fit the model.
+    """
+    if apply_to not in APPLY_TO:
+        raise ValueError(f"apply_to must be one of {APPLY_TO}, got {apply_to!r}")
+    if not (strength >= 0 and math.isfinite(strength)):
+        raise ValueError(f"strength must be a finite number >= 0, got {strength}")
+    facts = model_facts(model)
+    tokens.layout.check_model(facts["family"], facts["text_width"], facts.get("n_blocks"),
+                              facts.get("embed_width"), name=name)
+    m = model.clone()
+    if strength == 0:
+        return m  # no insertion at all: bit-identical to the unpatched model
+    existing = _existing_soft_patches(m)
+    needs_bias = strength != 1.0 or apply_to != "both"
+    if existing and (needs_bias or any(p.needs_bias for p in existing)):
+        raise ValueError("this model already carries soft tokens; stacking two soft-token sets is "
+                         "only supported at strength 1 on both branches")
+    dm = m.model.diffusion_model
+    project = dm.context_embedder if tokens.layout.projected else None
+    patch = SoftTokenPatch(tokens, m.get_model_object("model_sampling"), strength, apply_to, project)
+    if facts["family"] == UNET:
+        m.set_model_attn2_patch(patch.attn2)
+    else:
+        replaces = m.model_options.get("transformer_options", {}).get("patches_replace", {}).get("dit", {})
+        for layer, idx in enumerate(tokens.layout.blocks):
+            previous = replaces.get(("double_block", idx))
+            m.set_model_patch_replace(BlockPatch(patch, layer, previous), "dit", "double_block", idx)
+    if needs_bias:
+        to = m.model_options.setdefault("transformer_options", {})
+        to[_OVERRIDE_KEY] = AttentionBias(patch, to.get(_OVERRIDE_KEY))
+    return m

@@ -1,0 +1,54 @@
+"""The ``soft_tokens`` model folder: registration and the dropdown's entries."""
+
+from __future__ import annotations
+
+import os
+
+import folder_paths
+
+from ..training.formats import is_official_folder
+
+FOLDER = "soft_tokens"
+EXTENSIONS = {".safetensors"}
+
+
+def register_folder() -> None:
+    """Add models/soft_tokens, keeping any paths the user set in extra_model_paths.yaml."""
+    default = os.path.join(folder_paths.models_dir, FOLDER)
+    os.makedirs(default, exist_ok=True)
+    if FOLDER in folder_paths.folder_names_and_paths:
+        paths, exts = folder_paths.folder_names_and_paths[FOLDER]
+        if default not in paths:
+            paths.append(default)
+        folder_paths.folder_names_and_paths[FOLDER] = (paths, set(exts) | EXTENSIONS)
+    else:
+        folder_paths.folder_names_and_paths[FOLDER] = ([default], set(EXTENSIONS))
+
+
+def list_token_files() -> list[str]:
+    """Dropdown entries: .safetensors token files, and official folders as one entry each."""
+    found = set()
+    for root in folder_paths.get_folder_paths(FOLDER):
+        if not os.path.isdir(root):
+            continue
+        for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+            rel = os.path.relpath(dirpath, root)
+            if rel != "." and is_official_folder(dirpath):
+                found.add(rel.replace(os.sep, "/") + "/")
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            for f in filenames:
+                if os.path.splitext(f)[1].lower() in EXTENSIONS and not f.startswith("."):
+                    found.add(os.path.normpath(os.path.join(rel, f)).replace(os.sep, "/"))
+    return sorted(found)
+
+
+def resolve_token_file(entry: str) -> str:
+    """Full path of a dropdown entry; never outside the registered folders."""
+    for root in folder_paths.get_folder_paths(FOLDER):
+        root = os.path.realpath(root)
+        path = os.path.realpath(os.path.join(root, entry))
+        if os.path.commonpath([root, path]) == root and os.path.exists(path):
+            return path
+    raise ValueError(f"soft token file {entry!r} was not found in {folder_paths.get_folder_paths(FOLDER)}. "
+                     "Put .safetensors token files or official token folders into models/soft_tokens "
+                     "and refresh.")
