@@ -43,11 +43,16 @@ def list_token_files() -> list[str]:
 
 
 def resolve_token_file(entry: str) -> str:
-    """Full path of a dropdown entry; never outside the registered folders."""
+    """Full path of a dropdown entry; the entry may not point outside the registered folders.
+
+    Symlinks placed inside the folders by the user are followed, as for any model folder.
+    """
+    rel = os.path.normpath(entry)
+    if os.path.isabs(rel) or rel == ".." or rel.startswith(".." + os.sep):
+        raise ValueError(f"soft token entry {entry!r} points outside the soft_tokens folders")
     for root in folder_paths.get_folder_paths(FOLDER):
-        root = os.path.realpath(root)
-        path = os.path.realpath(os.path.join(root, entry))
-        if os.path.commonpath([root, path]) == root and os.path.exists(path):
+        path = os.path.join(os.path.abspath(root), rel)
+        if os.path.exists(path):
             return path
     raise ValueError(f"soft token file {entry!r} was not found in {folder_paths.get_folder_paths(FOLDER)}. "
                      "Put .safetensors token files or official token folders into models/soft_tokens "
