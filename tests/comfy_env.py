@@ -11,7 +11,7 @@ first (it parses ``[]`` because ``comfy.options.args_parsing`` is False by defau
 ``args.cpu = True`` is set, and only then is ``comfy.model_management`` imported
 (it reads ``args.cpu`` once, at import, to pick the device).
 
-Tiny models (random weights, nothing downloaded):
+Tiny models (seeded random weights, N(0, 1/fan_in), zero biases, unit norms; nothing downloaded):
 
 * ``tiny_sd15(seed, context_dim)`` - ``comfy.supported_models.SD15`` with a shrunken
   UNet (2 levels, 32/64 channels, 1 transformer per level + middle, 2 heads).
@@ -33,8 +33,8 @@ Forward equivalence with diffusers (fp32, same weights, see tests/integration):
   ``model.apply_model(x, sigma, c_crossattn=c, y=pooled)`` == ``x - sigma * v`` with
   ``t = sigma * 1000`` (no input scaling for flow models).
 """
+import atexit
 import json
-import math
 import os
 import shutil
 import socket
@@ -141,7 +141,7 @@ def init_weights(module, seed=0, std=None):
                 p.zero_()
             elif p.ndim >= 2:
                 s = std if std is not None else p[0].numel() ** -0.5
-                p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float32) * s)
+                p.normal_(0.0, s, generator=g)
             else:
                 p.fill_(1.0)
     return module
@@ -155,7 +155,10 @@ def _patcher(model):
 
 
 def tiny_sd15(seed=0, context_dim=768, init_std=None):
-    """ModelPatcher around a tiny, randomly initialised SD1.5-type UNet (fp32, CPU)."""
+    """ModelPatcher around a tiny, randomly initialised SD1.5-type UNet (fp32, CPU).
+
+    Not loadable from a file by ComfyUI's loaders (detection needs model_channels 320).
+    """
     _require()
     import comfy.supported_models
     unet_config = dict(TINY_SD15_UNET, context_dim=context_dim)
@@ -173,8 +176,8 @@ def tiny_sd3(seed=0, depth=2, num_blocks=2, context_dim=4096, adm_in_channels=20
     """ModelPatcher around a tiny SD3 MMDiT: hidden 64*depth, `depth` heads, `num_blocks` joint blocks.
 
     depth=24, num_blocks=6 gives the real SD3-medium width (1536, 24 heads), ~350M params.
-    Note ComfyUI's own loaders infer num_blocks == depth from a state dict, so only
-    depth == num_blocks models round-trip through checkpoint files.
+    ComfyUI's loaders (comfy.sd.load_diffusion_model_state_dict, UNETLoader) infer
+    num_blocks == depth, so only depth == num_blocks models (the default) load from a file.
     """
     _require()
     import comfy.supported_models
@@ -200,7 +203,7 @@ def tiny_sd3(seed=0, depth=2, num_blocks=2, context_dim=4096, adm_in_channels=20
 
 def _base_model(model):
     """BaseModel from a ModelPatcher or BaseModel."""
-    return getattr(model, "model", model) if not hasattr(model, "diffusion_model") else model
+    return model if hasattr(model, "diffusion_model") else model.model
 
 
 # ---------------------------------------------------------------- sampling
@@ -216,9 +219,11 @@ def sample(model_patcher, positive_context, negative_context, positive_pooled=No
            latent=None, denoise=1.0, return_calls=False):
     """Run real ComfyUI sampling (comfy.sample.sample, i.e. what KSampler does) on a tiny latent.
 
-    Models with an ADM input (SD3) get zero pooled vectors when none are given.
-    With return_calls=True also returns one dict per model call:
-    {"cond_or_uncond": [...], "batch": int, "timestep": tensor}.
+    Contexts are (B, L, D) token tensors in ComfyUI's CONDITIONING format. Models with an ADM
+    input (SD3) get zero pooled vectors when none are given. The result is in VAE latent space
+    (process_latent_out applied: SD15 /0.18215, SD3 /1.5305 + 0.0609), float32, CPU.
+    Runs under torch.no_grad(). With return_calls=True also returns one dict per model call:
+    {"cond_or_uncond": [...], "batch": int, "sigma": tensor}.
     """
     _require()
     import comfy.sample
@@ -240,7 +245,7 @@ def sample(model_patcher, positive_context, negative_context, positive_pooled=No
 
     def recorder(apply_model, args):
         calls.append({"cond_or_uncond": list(args["cond_or_uncond"]), "batch": args["input"].shape[0],
-                      "timestep": args["timestep"].detach().clone()})
+                      "sigma": args["timestep"].detach().clone()})
         if inner is not None:
             return inner(apply_model, args)
         return apply_model(args["input"], args["timestep"], **args["c"])
@@ -393,16 +398,23 @@ def diffusers_sd3_config(model):
 def diffusers_unet(model):
     """diffusers UNet2DConditionModel (fp32, eval) with the same weights as a tiny comfy SD15."""
     from diffusers import UNet2DConditionModel
-    net = UNet2DConditionModel(**diffusers_unet_config(model))
-    net.load_state_dict(comfy_to_diffusers_unet_state_dict(model), strict=True)
-    return net.eval()
+    return _load_meta(UNet2DConditionModel, diffusers_unet_config(model), comfy_to_diffusers_unet_state_dict(model))
 
 
 def diffusers_sd3(model):
     """diffusers SD3Transformer2DModel (fp32, eval) with the same weights as a tiny comfy SD3."""
     from diffusers import SD3Transformer2DModel
-    net = SD3Transformer2DModel(**diffusers_sd3_config(model))
-    net.load_state_dict(comfy_to_diffusers_sd3_state_dict(model), strict=True)
+    return _load_meta(SD3Transformer2DModel, diffusers_sd3_config(model), comfy_to_diffusers_sd3_state_dict(model))
+
+
+def _load_meta(cls, config, state_dict):
+    """Build a diffusers model on the meta device (skips its slow init) and assign `state_dict` strictly."""
+    with torch.device("meta"):
+        net = cls(**config)
+    net.load_state_dict(state_dict, strict=True, assign=True)
+    left = [n for n, t in list(net.named_parameters()) + list(net.named_buffers()) if t.is_meta]
+    if left:
+        raise RuntimeError("tensors left on meta device: {}".format(left[:10]))
     return net.eval()
 
 
@@ -415,6 +427,7 @@ class ComfyServer:
         self.proc, self.port, self.base_dir, self.log_path = proc, port, base_dir, log_path
         self.url = "http://127.0.0.1:{}".format(port)
         self.output_dir = os.path.join(base_dir, "output")
+        self.final_log = None  # server log text, kept after stop()
 
     def get(self, path, timeout=10):
         """GET JSON from the server."""
@@ -433,9 +446,16 @@ class ComfyServer:
         return json.loads(body) if body else None
 
     def log(self):
-        """Server stdout+stderr so far."""
+        """Server stdout+stderr so far (still available after stop())."""
+        if self.final_log is not None:
+            return self.final_log
         with open(self.log_path, errors="replace") as f:
             return f.read()
+
+    def failed_custom_nodes(self):
+        """Custom-node paths that ComfyUI reported as '(IMPORT FAILED)' (core comfy_extras failures excluded)."""
+        return [line.split("(IMPORT FAILED):", 1)[1].strip()
+                for line in self.log().splitlines() if "(IMPORT FAILED):" in line]
 
     def post_prompt(self, graph, client_id="comfy-env-tests"):
         """Queue an API-format graph; returns prompt_id."""
@@ -462,6 +482,8 @@ class ComfyServer:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(timeout)
+        if self.final_log is None and os.path.exists(self.log_path):
+            self.final_log = self.log()
         shutil.rmtree(self.base_dir, ignore_errors=True)
         return self.proc.returncode
 
@@ -476,13 +498,15 @@ def free_port():
 _SERVER = None
 
 
-def start_server(port=None, packs=(), extra_custom_nodes_dirs=(), timeout=60.0, extra_args=()):
+def start_server(port=None, packs=(), extra_custom_nodes_dirs=(), timeout=60.0, extra_args=(), env=None):
     """Launch ComfyUI on 127.0.0.1 and wait until /object_info answers; returns a ComfyServer.
 
     Everything ComfyUI writes (models/, custom_nodes/, input/, output/, temp/, user/,
-    sqlite db) goes to a temp `--base-directory`. `packs` are node-pack directories
-    symlinked into <tmp>/custom_nodes/; `extra_custom_nodes_dirs` are directories *containing*
+    sqlite db) goes to a temp `--base-directory`. `packs` are node-pack directories (or
+    (path, link_name) pairs) symlinked into <tmp>/custom_nodes/; `extra_custom_nodes_dirs` are directories *containing*
     packs, registered through an `--extra-model-paths-config` YAML `custom_nodes:` entry.
+    `extra_args` are appended to the command line; `env` adds environment variables
+    (e.g. {"OMP_NUM_THREADS": "1"}).
     """
     global _SERVER
     root = find_comfyui()
@@ -493,8 +517,9 @@ def start_server(port=None, packs=(), extra_custom_nodes_dirs=(), timeout=60.0, 
     for d in ("custom_nodes", "models", "input", "output", "temp", "user"):
         os.makedirs(os.path.join(base, d))
     for p in packs:
+        p, name = (p, None) if isinstance(p, (str, os.PathLike)) else p
         p = os.path.abspath(p)
-        os.symlink(p, os.path.join(base, "custom_nodes", os.path.basename(p.rstrip("/"))))
+        os.symlink(p, os.path.join(base, "custom_nodes", name or os.path.basename(p)))
     cmd = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
            "--base-directory", base, "--database-url", "sqlite:///" + os.path.join(base, "user", "comfyui.db"),
            "--disable-api-nodes"]
@@ -506,13 +531,14 @@ def start_server(port=None, packs=(), extra_custom_nodes_dirs=(), timeout=60.0, 
                 f.write("    {}\n".format(os.path.abspath(d)))
         cmd += ["--extra-model-paths-config", yml]
     cmd += list(extra_args)
-    env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1", PYTHONUNBUFFERED="1")
+    env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1", PYTHONUNBUFFERED="1", **(env or {}))
     log_path = os.path.join(base, "server.log")
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL)
     server = ComfyServer(proc, port, base, log_path)
     _SERVER = server
+    atexit.register(server.stop)  # no orphaned server if a test run is aborted
     end = time.time() + timeout
     while True:
         if proc.poll() is not None:
