@@ -154,14 +154,15 @@ def _patcher(model):
                                             offload_device=mm.unet_offload_device())
 
 
-def tiny_sd15(seed=0, context_dim=768, init_std=None):
+def tiny_sd15(seed=0, context_dim=768, init_std=None, unet_overrides=None):
     """ModelPatcher around a tiny, randomly initialised SD1.5-type UNet (fp32, CPU).
 
+    unet_overrides updates the shrunken unet_config (e.g. wider channels for benchmarks).
     Not loadable from a file by ComfyUI's loaders (detection needs model_channels 320).
     """
     _require()
     import comfy.supported_models
-    unet_config = dict(TINY_SD15_UNET, context_dim=context_dim)
+    unet_config = dict(TINY_SD15_UNET, context_dim=context_dim, **(unet_overrides or {}))
     model_config = comfy.supported_models.SD15(unet_config)
     model_config.unet_config["num_heads"] = TINY_SD15_HEADS  # SD15 forces 8 via unet_extra_config
     model_config.set_inference_dtype(torch.float32, None)

@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from .demo.cli import add_parser as demo_parser
 from .formats import load_tokens, save_tokens, train_config_of
 from .layouts import ARCH_FAMILY, parse_blocks
 
@@ -62,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="print what a token file (or official folder) holds")
     i.add_argument("path")
     i.set_defaults(fn=cmd_info)
+    demo_parser(sub)
     return p
 
 
