@@ -5,6 +5,7 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..training.formats import load_tokens
+from ..training.layouts import parse_blocks
 from .patch import APPLY_TO, apply_soft_tokens
 from .paths import list_token_files, resolve_token_file
 
@@ -42,14 +43,18 @@ class LoadSoftTokens(io.ComfyNode):
                                        "soft_t_tokens.pth) in models/soft_tokens."),
                 strength_input(),
                 apply_to_input(),
+                io.String.Input("blocks", default="", optional=True,
+                                tooltip="Leave empty to use the blocks the tokens were trained for. "
+                                        "Override: 'down', 'down,mid' (SD1.5/SDXL) or '0-4' (SD3)."),
             ],
             outputs=[io.Model.Output(tooltip="The model with soft tokens."),
                      SoftTokensType.Output(display_name="soft_tokens", tooltip="The loaded tokens.")],
         )
 
     @classmethod
-    def execute(cls, model, token_file, strength, apply_to) -> io.NodeOutput:
-        tokens = load_tokens(resolve_token_file(token_file))
+    def execute(cls, model, token_file, strength, apply_to, blocks="") -> io.NodeOutput:
+        blocks = parse_blocks(blocks) if blocks.strip() else None
+        tokens = load_tokens(resolve_token_file(token_file), blocks=blocks)
         patched = apply_soft_tokens(model, tokens, strength, apply_to, name=f"token file {token_file!r}")
         return io.NodeOutput(patched, tokens)
 

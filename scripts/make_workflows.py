@@ -47,7 +47,7 @@ def txt2img(ckpt, token_file, prompt, width, height, steps, cfg, sampler, schedu
                        outputs=[("MODEL", "MODEL")], size=(320, 60))
         g.link(ckpt_n, 0, shift, "model")
         model_src = shift
-    load = g.node("LoadSoftTokens", (380, 40), [token_file, 1.0, "both"], inputs=[("model", "MODEL")],
+    load = g.node("LoadSoftTokens", (380, 40), [token_file, 1.0, "both", ""], inputs=[("model", "MODEL")],
                   outputs=[("MODEL", "MODEL"), ("soft_tokens", "SOFT_TOKENS")])
     g.link(model_src, 0, load, "model")
     pos = g.node("CLIPTextEncode", (380, 220), [prompt], inputs=[("clip", "CLIP")],

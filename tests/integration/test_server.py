@@ -90,7 +90,7 @@ def test_workflows_are_served_as_templates(server):
     assert sorted(templates.get(PACK_NAME, [])) == ["soft_tokens_sd15", "soft_tokens_sd3", "soft_tokens_sdxl"]
 
 
-def graph(token_file=None, strength=1.0, apply_to="both", context_dim=768, prefix="t"):
+def graph(token_file=None, strength=1.0, apply_to="both", context_dim=768, prefix="t", blocks=""):
     g = {
         "1": {"class_type": "SoftTokensTestTinySD15", "inputs": {"context_dim": context_dim, "seed": 0}},
         "2": {"class_type": "SoftTokensTestConditioning", "inputs": {"width": context_dim, "length": 77, "seed": 1}},
@@ -101,7 +101,8 @@ def graph(token_file=None, strength=1.0, apply_to="both", context_dim=768, prefi
     model = ["1", 0]
     if token_file:
         g["7"] = {"class_type": "LoadSoftTokens", "inputs": {"model": model, "token_file": token_file,
-                                                             "strength": strength, "apply_to": apply_to}}
+                                                             "strength": strength, "apply_to": apply_to,
+                                                             "blocks": blocks}}
         model = ["7", 0]
     g["5"] = {"class_type": "KSampler", "inputs": {"model": model, "positive": ["2", 0], "negative": ["3", 0],
                                                    "latent_image": ["4", 0], "seed": 0, "steps": 3, "cfg": 5.0,
@@ -124,13 +125,15 @@ def test_graphs_execute_through_prompt(server):
     runs = {}
     for name, kw in {"base": {}, "tokens": dict(token_file="softrepa-sd1.5/"),
                      "zero": dict(token_file="softrepa-sd1.5/", strength=0.0),
-                     "cond_only": dict(token_file="softrepa-sd1.5/", apply_to="cond_only", strength=0.6)}.items():
+                     "cond_only": dict(token_file="softrepa-sd1.5/", apply_to="cond_only", strength=0.6),
+                     "down_mid": dict(token_file="softrepa-sd1.5/", blocks="down, mid")}.items():
         hist = execute(server, graph(prefix=name, **kw))
         assert hist["status"]["status_str"] == "success", hist["status"]
         runs[name] = saved_latent(server, hist)
     assert torch.equal(runs["zero"], runs["base"])
     assert (runs["tokens"] - runs["base"]).abs().max() > 1e-3
     assert (runs["cond_only"] - runs["tokens"]).abs().max() > 1e-4
+    assert (runs["down_mid"] - runs["tokens"]).abs().max() > 1e-4  # the block override acts
 
 
 def test_mismatched_tokens_fail_before_sampling(server):
@@ -142,3 +145,10 @@ def test_mismatched_tokens_fail_before_sampling(server):
     assert err["node_type"] == "LoadSoftTokens"
     assert "2048" in err["exception_message"] and "768" in err["exception_message"]
     assert "5" not in hist["outputs"]  # KSampler never ran
+
+
+def test_bad_block_override_is_reported(server):
+    hist = execute(server, graph(token_file="softrepa-sd1.5/", blocks="sideways", prefix="bad2"))
+    assert hist["status"]["status_str"] == "error"
+    err = [m for m in hist["status"]["messages"] if m[0] == "execution_error"][0][1]
+    assert "block groups" in err["exception_message"]
