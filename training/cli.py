@@ -1,4 +1,4 @@
-"""Command line: ``python -m training {convert,info} ...``."""
+"""Command line: ``python -m training {convert,info,demo,train,score} ...``."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 from .demo.cli import add_parser as demo_parser
 from .formats import load_tokens, save_tokens, train_config_of
-from .layouts import ARCH_FAMILY, parse_blocks
+from .layouts import ARCH_FAMILY, TokenLayout, default_blocks, parse_blocks
 
 
 def cmd_convert(args) -> int:
@@ -64,7 +64,253 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("path")
     i.set_defaults(fn=cmd_info)
     demo_parser(sub)
+    add_train_parsers(sub)
     return p
+
+
+# --- train / score --------------------------------------------------------------------------
+# Heavy modules (diffusers, transformers, the trainer) are imported inside the commands, after
+# the arguments have been checked, so bad input fails fast.
+
+DTYPES = ("fp32", "fp16", "bf16")
+
+
+def add_train_parsers(sub) -> None:
+    """Register the ``train`` and ``score`` subcommands."""
+    t = sub.add_parser("train", help="train soft tokens (SoftREPA or AGSM) on a local diffusers model")
+    t.add_argument("--backend", choices=["diffusers"], default="diffusers", help="model backend (default diffusers)")
+    t.add_argument("--model", required=True, help="local diffusers pipeline folder (denoiser, text encoders, VAE)")
+    t.add_argument("--data", required=True, help="folder of images + .txt captions, a .jsonl manifest or a COCO captions .json")
+    t.add_argument("--method", required=True, choices=["softrepa", "agsm"])
+    t.add_argument("--out", required=True, help="output token file (.safetensors); checkpoint, best tokens and "
+                                                "history are written beside it")
+    t.add_argument("--steps", type=int, help="total optimizer steps (default 1000)")
+    t.add_argument("--batch", type=int, help="images per step B; B*B pairs (default 4)")
+    t.add_argument("--tokens", type=int, default=4, help="soft tokens per set and layer m (default 4)")
+    t.add_argument("--blocks", help="UNet block groups ('down', 'down,mid') or SD3 joint blocks ('0-4'); "
+                                    "default: the official choice")
+    t.add_argument("--layers", type=int, default=5, help="SD3: token layers on the first L joint blocks (default 5)")
+    t.add_argument("--time", choices=["official", "on", "off"], default="official",
+                   help="time-dependent token table (official: off for SoftREPA SDXL, on otherwise)")
+    t.add_argument("--lr", type=float, help="AdamW learning rate (default 1e-3)")
+    t.add_argument("--chunk", type=int, help="pairs per denoiser call (memory only; default all B*B)")
+    t.add_argument("--seed", type=int, help="seed of tokens, t, noise and data order (default 42)")
+    t.add_argument("--val-every", type=int, help="validation and LR-schedule interval in steps (default 500)")
+    t.add_argument("--lr-every", type=int, help="steps per LR-scheduler step (default: --val-every, official)")
+    t.add_argument("--ckpt-every", type=int, help="checkpoint interval in steps (default 500; 0 = only at the end)")
+    t.add_argument("--t-min", type=int, help="smallest training timestep (default 0)")
+    t.add_argument("--t-max", type=int, help="training timesteps are < t-max (default 1000)")
+    t.add_argument("--dweight", type=float, help="SoftREPA diffusion-loss weight (default 0)")
+    t.add_argument("--tau", type=float, help="SoftREPA temperature (default 0.07)")
+    t.add_argument("--gamma-pos", type=float, help="AGSM gamma+ (default 1)")
+    t.add_argument("--gamma-neg", type=float, help="AGSM gamma- (default 1 for UNets, 0.1 for SD3)")
+    t.add_argument("--ema-decay", type=float, help="AGSM EMA decay (default 0.9999)")
+    t.add_argument("--max-bad-steps", type=int, help="stop after this many non-finite steps in a row (default 5)")
+    t.add_argument("--val-data", help="held-out dataset (default: --val-fraction of --data)")
+    t.add_argument("--val-fraction", type=float, default=0.0, help="share of --data held out for validation")
+    t.add_argument("--val-limit", type=int, default=50, help="held-out pairs scored per validation (default 50)")
+    t.add_argument("--resume", help="continue the run of this checkpoint (<out>.ckpt.pt)")
+    t.add_argument("--overwrite", action="store_true", help="replace existing run files of a fresh run")
+    _add_model_args(t)
+    t.add_argument("--grad-checkpointing", action="store_true", help="recompute backbone activations in backward")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.set_defaults(fn=cmd_train)
+
+    s = sub.add_parser("score", help="alignment score (diffusion-classifier accuracy) with and without tokens")
+    s.add_argument("--model", required=True, help="local diffusers pipeline folder")
+    s.add_argument("--data", required=True, help="held-out dataset (first caption of each image is used)")
+    s.add_argument("--tokens", help="token file; without it only the plain model is scored")
+    s.add_argument("--limit", type=int, default=50, help="image-caption pairs to score (default 50)")
+    s.add_argument("--group", type=int, default=4, help="candidate captions per image (default 4; chance = 1/group)")
+    s.add_argument("--ts", default="100,300,500,700,900", help="timesteps averaged over (default 100,300,500,700,900)")
+    s.add_argument("--seed", type=int, default=0, help="seed of the fixed noise (default 0)")
+    s.add_argument("--chunk", type=int, help="pairs per denoiser call (memory only)")
+    s.add_argument("--json", action="store_true", help="print the result as JSON")
+    _add_model_args(s)
+    s.set_defaults(fn=cmd_score)
+
+
+def _add_model_args(p) -> None:
+    p.add_argument("--dtype", choices=DTYPES, default="fp32", help="weights and autocast dtype (default fp32)")
+    p.add_argument("--device", help="torch device (default cuda if available, else cpu)")
+    p.add_argument("--size", type=int, default=512, help="training / scoring image size (default 512)")
+    p.add_argument("--cache", help="folder for cached latents and text conditioning (default: in memory)")
+
+
+def _existing(path, what: str) -> Path:
+    p = Path(path)
+    if not p.exists():
+        raise ValueError(f"{what} {p} does not exist")
+    return p
+
+
+def _train_config(args):
+    """TrainConfig from the arguments; on --resume, the checkpoint's config with --steps/--ckpt-every."""
+    from .trainer import RESUME_MUTABLE, TrainConfig
+
+    given = {"steps": args.steps, "batch": args.batch, "lr": args.lr, "chunk": args.chunk, "seed": args.seed,
+             "val_every": args.val_every, "lr_every": args.lr_every, "ckpt_every": args.ckpt_every,
+             "t_min": args.t_min, "t_max": args.t_max, "dweight": args.dweight, "tau": args.tau,
+             "gamma_pos": args.gamma_pos, "gamma_neg": args.gamma_neg, "ema_decay": args.ema_decay,
+             "max_bad_steps": args.max_bad_steps}
+    given = {k: v for k, v in given.items() if v is not None}
+    if args.resume:
+        from .checkpoint import load_checkpoint
+
+        state = load_checkpoint(args.resume)
+        fixed = sorted(k for k in given if k not in RESUME_MUTABLE and given[k] != state["config"][k])
+        if fixed:
+            raise ValueError(f"--resume continues the checkpoint's configuration; only {', '.join(RESUME_MUTABLE)} "
+                             f"may change (got {', '.join(fixed)})")
+        if state["config"]["method"] != args.method:
+            raise ValueError(f"the checkpoint trains {state['config']['method']}, not {args.method}")
+        cfg = TrainConfig.from_dict({**state["config"], **{k: given[k] for k in RESUME_MUTABLE if k in given}})
+        return cfg, state
+    cfg = TrainConfig(method=args.method, **given)
+    return cfg, None
+
+
+def _pipeline_arch(model: Path) -> str:
+    """sd15 / sdxl / sd3 of a local pipeline folder, read from its model_index.json (no weights loaded)."""
+    import json
+
+    from .encoders import detect_arch
+
+    index = model / "model_index.json"
+    if not index.is_file():
+        raise ValueError(f"{model} is not a diffusers pipeline folder (no model_index.json); training and scoring "
+                         "need the whole pipeline (denoiser, text encoders, VAE)")
+    return detect_arch(json.loads(index.read_text(encoding="utf-8")), model)
+
+
+def _device(args):
+    import torch
+
+    return torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def _load_model(args, model: Path):
+    """(backend, encoders) for a local pipeline folder."""
+    import torch
+
+    from .diffusers_backend import DiffusersBackend, load_denoiser, schedule_from_folder
+    from .diffusers_hooks import model_family
+    from .encoders import Encoders
+
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    device = _device(args)
+    denoiser = load_denoiser(model, dtype=dtype).to(device)
+    kwargs = {}
+    if model_family(denoiser) == "unet" and schedule_from_folder(model) is not None:
+        kwargs["alphas_cumprod"] = schedule_from_folder(model)  # the pipeline's own noise schedule
+    backend = DiffusersBackend(denoiser, autocast_dtype=None if args.dtype == "fp32" else args.dtype,
+                               gradient_checkpointing=getattr(args, "grad_checkpointing", False), **kwargs)
+    encoders = Encoders.from_pipeline(model, device=device, dtype=dtype, image_size=args.size)
+    return backend, encoders
+
+
+def _pairs(cache, dataset, limit: int):
+    """(x0 means, cond) of the first ``limit`` images of ``dataset`` with their first captions."""
+    from .datasets import Batch
+
+    idx = tuple(dataset.valid()[:limit])
+    batch = Batch(0, 0, idx, (0,) * len(idx), tuple(dataset.caption(i, 0) for i in idx))
+    mean, _, batch = cache.moments(dataset, batch)
+    return mean, cache.text(batch.captions)
+
+
+def cmd_train(args) -> int:
+    from .checkpoint import RunFiles
+
+    files = RunFiles.of(args.out)
+    model = _existing(args.model, "model folder")
+    data = _existing(args.data, "dataset")
+    if args.val_data:
+        _existing(args.val_data, "validation dataset")
+    if args.resume:
+        _existing(args.resume, "checkpoint")
+    else:
+        files.check_new(args.overwrite)
+    arch = _pipeline_arch(model)
+    cfg, state = _train_config(args)
+    cfg.check()
+    if state is None:  # check the token layout choices now (widths are known once the model is loaded)
+        blocks = parse_blocks(args.blocks) if args.blocks else default_blocks(arch, args.method, args.layers)
+        TokenLayout(arch=arch, method=args.method, n_tokens=args.tokens, width=8, text_width=8, blocks=tuple(blocks))
+
+    # Heavy work from here on.
+    from .cache import EncodeCache
+    from .datasets import open_dataset, split_dataset
+    from .diffusers_hooks import describe_model
+    from .trainer import DatasetData, Trainer, bos_init
+
+    ds = open_dataset(data, size=args.size)
+    train_ds, val_ds = split_dataset(ds, args.val_fraction, seed=cfg.seed, val_path=args.val_data)
+    print(f"data: {train_ds.summary()}")
+    group = cfg.score_group or cfg.batch
+    if val_ds is not None and min(val_ds.n_images, args.val_limit) < group:
+        raise ValueError(f"validation needs at least {group} held-out images (one group of candidates for the "
+                         f"alignment score); got {min(val_ds.n_images, args.val_limit)}. Raise --val-fraction "
+                         "or --val-limit, or pass --val-data")
+
+    backend, encoders = _load_model(args, model)
+    if state is not None:
+        layout = TokenLayout.from_json(state["layout"])
+    else:
+        info = describe_model(backend.denoiser)
+        time_on = args.time == "on" or (args.time == "official" and not (arch == "sdxl" and args.method == "softrepa"))
+        layout = TokenLayout(arch=arch, method=args.method, n_tokens=args.tokens, width=info["text_width"],
+                             text_width=info["text_width"], blocks=tuple(blocks), time_buckets=100 if time_on else 0)
+    cache = EncodeCache(encoders, root=args.cache)
+    cache.prepare(train_ds)
+    val = None
+    if val_ds is not None:
+        cache.prepare(val_ds)
+        val = _pairs(cache, val_ds, args.val_limit)
+        print(f"validation: {val[0].shape[0]} held-out pairs")
+    init = bos_init(encoders.encode_text([""])["context"]) if arch == "sd15" else None
+    meta = {"model": str(model), "data": str(data), "arch": arch, "dtype": args.dtype, "size": args.size,
+            "data_report": train_ds.report()}
+    trainer = Trainer(backend, layout, DatasetData(train_ds, cache, cfg.batch, cfg.seed, backend.device), cfg,
+                      files.out, val=val, init_static=init, resume=args.resume, overwrite=args.overwrite,
+                      meta=meta, progress=not args.no_progress)
+    res = trainer.run()
+    print(f"{res.stopped} at step {res.step}/{cfg.steps}: wrote {files.out}"
+          + (f"; best validation accuracy {res.best['accuracy']:.4f} at step {res.best['step']} in {files.best}"
+             if res.best else ""))
+    if res.stopped == "nan":
+        print(f"error: stopped after {cfg.max_bad_steps} non-finite steps in a row; the last good tokens were saved",
+              file=sys.stderr)
+        return 3
+    if res.stopped == "cancelled":
+        print(f"interrupted; continue with --resume {files.ckpt}", file=sys.stderr)
+        return 130
+    return 0
+
+
+def cmd_score(args) -> int:
+    model = _existing(args.model, "model folder")
+    data = _existing(args.data, "dataset")
+    if args.tokens:
+        _existing(args.tokens, "token file")
+    ts = tuple(int(t) for t in args.ts.split(",") if t.strip())
+    if args.group < 2 or args.limit < args.group:
+        raise ValueError(f"need --group >= 2 and --limit >= --group, got {args.group}, {args.limit}")
+    _pipeline_arch(model)
+
+    import json
+
+    from .cache import EncodeCache
+    from .datasets import open_dataset
+    from .score import alignment_score, format_score
+
+    tokens = load_tokens(args.tokens) if args.tokens else None
+    backend, encoders = _load_model(args, model)
+    ds = open_dataset(data, size=args.size, caption_mode="first")
+    x0, cond = _pairs(EncodeCache(encoders, root=args.cache), ds, args.limit)
+    res = alignment_score(backend, tokens, x0, cond, group=args.group, ts=ts, seed=args.seed, chunk=args.chunk)
+    print(json.dumps(res, indent=1) if args.json else format_score(res))
+    return 0
 
 
 def main(argv=None) -> int:

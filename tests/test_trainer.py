@@ -1,0 +1,285 @@
+"""The trainer: exact resume, NaN guard, output files, init, optimizer/scheduler, CLI errors.
+
+A tiny random UNet (cross-attention width 32, 8x8 latents) through the real DiffusersBackend
+and the real objectives; every run is a handful of steps.
+"""
+
+import json
+import math
+
+import pytest
+import torch
+
+from training.checkpoint import RunFiles, load_checkpoint, output_path
+from training.cli import main as cli_main
+from training.diffusers_backend import DiffusersBackend
+from training.formats import load_tokens, train_config_of
+from training.layouts import TokenLayout
+from training.trainer import Cancelled, TensorData, TrainConfig, Trainer, bos_init, make_tokens
+
+W = 32
+
+
+def small_unet(seed=0):
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
+        norm_num_groups=8, attention_head_dim=8, down_block_types=("CrossAttnDownBlock2D",) * 2,
+        up_block_types=("CrossAttnUpBlock2D",) * 2, cross_attention_dim=W)
+
+
+@pytest.fixture(scope="module")
+def backend():
+    return DiffusersBackend(small_unet())
+
+
+@pytest.fixture(scope="module")
+def pairs():
+    g = torch.Generator().manual_seed(5)
+    return torch.randn(8, 4, 8, 8, generator=g), {"context": torch.randn(8, 6, W, generator=g)}
+
+
+def layout(method):
+    return TokenLayout(arch="sd15", method=method, n_tokens=2, width=W, text_width=W, blocks=("down", "mid"))
+
+
+def config(method="softrepa", **kw):
+    base = dict(method=method, steps=6, batch=4, lr=1e-2, val_every=2, ckpt_every=4, score_ts=(100, 600), seed=3)
+    return TrainConfig(**{**base, **kw})
+
+
+def make(backend, pairs, method, out, cfg=None, **kw):
+    x0, cond = pairs
+    val = (x0[:4], {k: v[:4] for k, v in cond.items()})
+    return Trainer(backend, layout(method), TensorData(x0, cond, 4, seed=1), cfg or config(method), out,
+                   val=val, progress=False, **kw)
+
+
+def same_state(a: Trainer, b: Trainer):
+    assert torch.equal(a.tokens.static, b.tokens.static)
+    assert torch.equal(a.tokens.time, b.tokens.time)
+    if a.ema is not None:
+        assert torch.equal(a.ema.static, b.ema.static) and torch.equal(a.ema.time, b.ema.time)
+    sa, sb = a.opt.state_dict(), b.opt.state_dict()
+    for k in sa["state"]:
+        for name in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(sa["state"][k][name], sb["state"][k][name])
+    assert a.sched.state_dict() == b.sched.state_dict()
+    assert [r["loss"] for r in a.history["steps"]] == [r["loss"] for r in b.history["steps"]]
+    assert a.history["val"] == b.history["val"]
+
+
+@pytest.mark.parametrize("method", ["softrepa", "agsm"])
+def test_resume_after_cancel_is_bit_identical(backend, pairs, method, tmp_path):
+    full = make(backend, pairs, method, tmp_path / "full.safetensors")
+    res = full.run()
+    assert res.stopped == "done" and res.step == 6
+    assert len({r["t"] for r in full.history["steps"]}) > 1  # t really is redrawn per step
+
+    stop_at = 3
+    part = make(backend, pairs, method, tmp_path / "part.safetensors",
+                on_step=lambda step, total, loss, metrics: step < stop_at)
+    res = part.run()
+    assert (res.stopped, res.step) == ("cancelled", stop_at)
+    partial = load_tokens(tmp_path / "part.safetensors")  # a partial result is saved on cancel
+    assert train_config_of(partial)["status"] == "cancelled"
+    assert torch.equal(partial.static, part.tokens.static)
+
+    resumed = make(backend, pairs, method, tmp_path / "part.safetensors", resume=tmp_path / "part.ckpt.pt")
+    assert resumed.step == stop_at
+    assert resumed.run().stopped == "done"
+    same_state(full, resumed)
+    assert torch.equal(load_tokens(tmp_path / "part.safetensors").static, full.tokens.static)
+    if method == "agsm":
+        assert not torch.equal(full.ema.static, full.tokens.static)
+
+
+def test_resume_after_crash_from_periodic_checkpoint(backend, pairs, tmp_path):
+    full = make(backend, pairs, "softrepa", tmp_path / "full.safetensors")
+    full.run()
+
+    def crash(step, total, loss, metrics):
+        if step == 5:
+            raise RuntimeError("power cut")
+
+    with pytest.raises(RuntimeError, match="power cut"):
+        make(backend, pairs, "softrepa", tmp_path / "crash.safetensors", on_step=crash).run()
+    assert load_checkpoint(tmp_path / "crash.ckpt.pt")["step"] == 4  # ckpt_every=4
+    resumed = make(backend, pairs, "softrepa", tmp_path / "crash.safetensors", resume=tmp_path / "crash.ckpt.pt")
+    resumed.run()
+    same_state(full, resumed)
+
+
+def test_cancelled_exception_and_longer_resume(backend, pairs, tmp_path):
+    def cancel(step, total, loss, metrics):
+        if step == 2:
+            raise Cancelled()
+
+    t = make(backend, pairs, "softrepa", tmp_path / "c.safetensors", on_step=cancel)
+    assert (t.run().stopped, t.step) == ("cancelled", 2)
+    # Resuming may extend the run (steps), but not change what decides the result.
+    longer = make(backend, pairs, "softrepa", tmp_path / "c.safetensors", cfg=config(steps=8),
+                  resume=tmp_path / "c.ckpt.pt")
+    assert longer.run().step == 8
+    with pytest.raises(ValueError, match="lr"):
+        make(backend, pairs, "softrepa", tmp_path / "c.safetensors", cfg=config(steps=10, lr=1e-3),
+             resume=tmp_path / "c.ckpt.pt")
+
+
+class NaNAfter(TensorData):
+    """Training data whose latents turn NaN from step ``bad_from`` on."""
+
+    def __init__(self, x0, cond, bad_from):
+        super().__init__(x0, cond, 4, seed=1)
+        self.bad_from = bad_from
+
+    def batch(self, step, generator=None):
+        x0, cond = super().batch(step, generator)
+        return (x0 * float("nan") if step >= self.bad_from else x0), cond
+
+
+def test_nan_guard_keeps_last_good_tokens_and_stops(backend, pairs, tmp_path):
+    x0, cond = pairs
+    cfg = config(steps=20, max_bad_steps=3, ckpt_every=0)
+    t = Trainer(backend, layout("softrepa"), NaNAfter(x0, cond, bad_from=3), cfg, tmp_path / "nan.safetensors",
+                progress=False)
+    res = t.run()
+    assert (res.stopped, res.step, t.bad_total) == ("nan", 6, 3)
+    assert [r["skipped"] for r in t.history["steps"]] == [False] * 3 + [True] * 3
+    assert all(math.isfinite(r["loss"]) for r in t.history["steps"][:3])
+
+    clean = Trainer(backend, layout("softrepa"), TensorData(x0, cond, 4, seed=1), config(steps=3, ckpt_every=0),
+                    tmp_path / "clean.safetensors", progress=False)
+    clean.run()
+    assert torch.equal(t.tokens.static, clean.tokens.static) and torch.equal(t.tokens.time, clean.tokens.time)
+    saved = load_tokens(tmp_path / "nan.safetensors")
+    assert torch.equal(saved.static, clean.tokens.static)
+    assert train_config_of(saved)["status"] == "nan"
+    assert int(t.opt.state_dict()["state"][0]["step"]) == 3  # no optimizer step on the bad ones
+
+
+def test_output_file_history_and_no_silent_overwrite(backend, pairs, tmp_path):
+    out = tmp_path / "run" / "tok.safetensors"
+    t = make(backend, pairs, "agsm", out, meta={"model": "tiny"})
+    t.run()
+    tok = load_tokens(out)
+    assert tok.layout == layout("agsm")
+    assert torch.equal(tok.static, t.tokens.static) and torch.equal(tok.time, t.tokens.time)
+    cfg = train_config_of(tok)
+    assert (cfg["method"], cfg["steps"], cfg["status"], cfg["model"]) == ("agsm", 6, "done", "tiny")
+    assert cfg["gamma_neg"] == 1.0 and cfg["lr"] == 1e-2  # UNet default gamma- resolved
+    files = RunFiles.of(out)
+    assert load_tokens(files.best).layout == tok.layout
+    hist = json.loads(files.history.read_text())
+    assert len(hist["steps"]) == 6 and len(hist["val"]) == 3
+    assert {"accuracy", "accuracy_base", "error"} <= set(hist["val"][0])
+    with pytest.raises(FileExistsError, match="overwrite"):
+        make(backend, pairs, "agsm", out)
+    make(backend, pairs, "agsm", out, overwrite=True)
+
+
+def test_optimizer_is_tokens_only_and_lr_steps_per_validation(backend, pairs, tmp_path):
+    t = make(backend, pairs, "softrepa", tmp_path / "o.safetensors", cfg=config(steps=4, lr=1e-3))
+    opt_params = [p for g in t.opt.param_groups for p in g["params"]]
+    assert len(opt_params) == 2 and opt_params[0] is t.tokens.static and opt_params[1] is t.tokens.time
+    g = t.opt.param_groups[0]
+    assert (g["betas"], g["eps"], g["weight_decay"]) == ((0.9, 0.999), 1e-8, 1e-4)
+    t.run()
+    assert all(p.grad is None for p in backend.denoiser.parameters())
+    lrs = [r["lr"] for r in t.history["steps"]]
+    cawr = lambda e: 1e-5 + (1e-3 - 1e-5) * 0.5 * (1 + math.cos(math.pi * (e % 10) / 10))  # noqa: E731
+    # CosineAnnealingWarmRestarts(T_0=10) steps once per validation interval (val_every=2).
+    assert lrs == pytest.approx([cawr(0), cawr(1), cawr(1), cawr(2)], rel=1e-12)
+
+
+def test_null_text_init_for_both_agsm_polarities_and_random_ema(backend, pairs, tmp_path):
+    context = torch.randn(1, 6, W)
+    t = make(backend, pairs, "agsm", tmp_path / "i.safetensors", init_static=bos_init(context))
+    row = context[0, 0]
+    assert torch.equal(t.tokens.static, row.expand(2, 1, 2, W))  # every token, both sets
+    assert 0.015 < t.tokens.time.std() < 0.025 and 0.015 < t.ema.static.std() < 0.025
+    with pytest.raises(ValueError, match="broadcast"):
+        make_tokens(layout("softrepa"), torch.Generator(), torch.zeros(3, W))
+
+
+def test_bad_config_and_paths():
+    with pytest.raises(ValueError, match="method"):
+        TrainConfig(method="dpo").check()
+    with pytest.raises(ValueError, match="batch"):
+        TrainConfig(batch=1).check()
+    with pytest.raises(ValueError, match="t_min"):
+        TrainConfig(t_min=500, t_max=400).check()
+    with pytest.raises(ValueError, match=".safetensors"):
+        RunFiles.of("tokens.pt")
+    for bad in ("../x", "/etc/x", "a/../../x"):
+        with pytest.raises(ValueError):
+            output_path("/tmp/models/soft_tokens", bad)
+    assert output_path("/tmp/models/soft_tokens", "sub/run1").name == "run1.safetensors"
+
+
+# --- CLI ------------------------------------------------------------------------------------
+
+def test_cli_train_rejects_bad_input_before_loading(tmp_path, capsys):
+    data = tmp_path / "data"
+    data.mkdir()
+    model = tmp_path / "model"
+    model.mkdir()
+    common = ["train", "--method", "softrepa", "--out", str(tmp_path / "t.safetensors")]
+    assert cli_main(common + ["--model", str(tmp_path / "nope"), "--data", str(data)]) == 2
+    assert "model folder" in capsys.readouterr().err
+    assert cli_main(common + ["--model", str(model), "--data", str(data)]) == 2
+    assert "model_index.json" in capsys.readouterr().err
+    # An SD1.5 pipeline index without any weights: reaching the model loader would fail differently.
+    (model / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline",
+                                                        "text_encoder": [], "unet": []}))
+    assert cli_main(common + ["--model", str(model), "--data", str(tmp_path / "nodata")]) == 2
+    assert "dataset" in capsys.readouterr().err
+    assert cli_main(common + ["--model", str(model), "--data", str(data), "--batch", "1"]) == 2
+    assert "batch" in capsys.readouterr().err
+    assert cli_main(common + ["--model", str(model), "--data", str(data), "--blocks", "down,side"]) == 2
+    assert "block groups" in capsys.readouterr().err
+    assert cli_main(common + ["--model", str(model), "--data", str(data), "--tokens", "0"]) == 2
+    assert "n_tokens" in capsys.readouterr().err
+    (tmp_path / "t.safetensors").write_bytes(b"")
+    assert cli_main(common + ["--model", str(model), "--data", str(data)]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli_main(["train", "--method", "dpo", "--model", str(model), "--data", str(data), "--out", "x.safetensors"])
+
+
+def test_cli_train_resume_and_score_on_a_tiny_pipeline(tmp_path, capsys):
+    from test_encoders import build_pipeline
+
+    pipe = build_pipeline(tmp_path / "pipe", "sd15")
+    small_unet().save_pretrained(pipe / "unet")
+    data = tmp_path / "data"
+    data.mkdir()
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    for i, cap in enumerate(["a cat", "a dog", "red dog", "a red cat", "cat on a dog", "dog on a cat"]):
+        px = (torch.rand(16, 16, 3, generator=g) * 255).to(torch.uint8).numpy()
+        Image.fromarray(px).save(data / f"img{i}.png")
+        (data / f"img{i}.txt").write_text(cap)
+    out = tmp_path / "out" / "cat.safetensors"
+    args = ["train", "--model", str(pipe), "--data", str(data), "--method", "softrepa", "--out", str(out),
+            "--steps", "2", "--batch", "2", "--size", "16", "--val-every", "2", "--val-fraction", "0.34",
+            "--seed", "1", "--no-progress"]
+    assert cli_main(args) == 0
+    tok = load_tokens(out)
+    assert tok.layout.blocks == ("down",) and tok.layout.arch == "sd15"  # official SoftREPA SD1.5 default
+    assert train_config_of(tok)["steps_done"] == 2
+    assert torch.equal(tok.static[0, 0, 0], tok.static[0, 0, 1])  # null-text init: identical rows
+    assert cli_main(args) == 2  # exists, no --overwrite
+    capsys.readouterr()
+    resume = ["train", "--model", str(pipe), "--data", str(data), "--method", "softrepa", "--out", str(out),
+              "--resume", str(RunFiles.of(out).ckpt), "--steps", "3", "--size", "16", "--val-fraction", "0.34",
+              "--no-progress"]
+    assert cli_main(resume) == 0
+    assert train_config_of(load_tokens(out))["steps_done"] == 3
+    assert cli_main(["score", "--model", str(pipe), "--data", str(data), "--tokens", str(out), "--limit", "4",
+                     "--group", "2", "--ts", "100,900", "--size", "16"]) == 0
+    text = capsys.readouterr().out
+    assert "with tokens" in text and "without tokens" in text and "chance 0.500" in text
