@@ -13,15 +13,15 @@ AGSM ``soft_tokens.pth`` + ``soft_t_tokens.pth``. They are pickles, read only wi
 from __future__ import annotations
 
 import json
-import os
 import pickle
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, safe_open, save_file
+from safetensors.torch import load_file, safe_open
+from safetensors.torch import save as safetensors_bytes
 
+from .checkpoint import atomic_write_bytes
 from .layouts import ARCH_FAMILY, MMDIT, N_BUCKETS, UNET, TokenLayout, default_blocks
 from .tokens import SoftTokens
 
@@ -52,15 +52,7 @@ def save_tokens(tokens: SoftTokens, path, train_config: dict | None = None,
     meta.update({k: str(v) for k, v in tokens.meta.items() if k not in meta})
     if train_config is not None:
         meta["train_config"] = json.dumps(train_config, sort_keys=True, default=str)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write_bytes(path, safetensors_bytes(tensors, metadata=meta))
     return path
 
 
