@@ -1,0 +1,316 @@
+"""The diffusers backend: the Backend protocol (training/backend.py) for a diffusers denoiser.
+
+Supported denoisers:
+- ``UNet2DConditionModel`` (SD1.5, SDXL): epsilon prediction, DDIM ``add_noise`` forward
+  process with SD's scaled_linear schedule. Cond keys: "context" (P, 77, d); SDXL also
+  "text_embeds" (P, 1280) and "time_ids" (P, 6), passed as ``added_cond_kwargs``.
+- ``SD3Transformer2DModel`` (SD3): flow prediction, z_t = (1 - s) x0 + s eps with s = t/1000,
+  target eps - x0; the model receives the integer t as its timestep. Cond keys: "context"
+  (P, n, 4096) and "pooled" (P, 2048).
+
+The backbone is frozen (requires_grad False) and kept in eval mode, so dropout is off. Soft
+tokens enter through one ``TokenInjector`` per token layout, installed on first use and left
+inactive outside ``predict``.
+
+Nothing here touches the network: ``load_denoiser`` reads local files only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import json
+import re
+from pathlib import Path
+
+import torch
+
+from .backend import Cond, eps_noisy, flow_noisy, scaled_linear_alphas_cumprod
+from .diffusers_hooks import TokenInjector, model_family
+from .layouts import UNET
+from .tokens import SoftTokens
+
+PREDICTIONS = {"unet": "epsilon", "mmdit": "flow"}
+AUTOCAST = {None: None, "none": None, "fp32": None, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+            "fp16": torch.float16, "float16": torch.float16}
+DENOISER_CLASSES = ("UNet2DConditionModel", "SD3Transformer2DModel")
+
+
+class DiffusersBackend:
+    """Backend for a diffusers UNet2DConditionModel (epsilon) or SD3Transformer2DModel (flow).
+
+    Args:
+        denoiser: the diffusers model; it is frozen and put in eval mode.
+        prediction: "epsilon" or "flow"; None picks the family's (UNet: epsilon, SD3: flow).
+        alphas_cumprod: alpha-bar table (1000,) for epsilon models; None: SD's scaled_linear.
+        extra_cond_fn: optional ``fn(z_t, t, cond) -> dict`` of extra keyword arguments for
+            the denoiser call (for models that need more than the standard cond keys).
+        gradient_checkpointing: recompute the frozen backbone's activations in backward
+            (diffusers' checkpointing, active whenever grad is enabled; the model stays in
+            eval mode, so results are unchanged).
+        autocast_dtype: None (no autocast), torch.bfloat16/"bf16" or torch.float16/"fp16".
+            Tokens stay fp32 master weights and are cast where they are inserted.
+    """
+
+    def __init__(self, denoiser, prediction: str | None = None, alphas_cumprod: torch.Tensor | None = None,
+                 extra_cond_fn=None, gradient_checkpointing: bool = False, autocast_dtype=None):
+        self.family = model_family(denoiser)
+        native = PREDICTIONS[self.family]
+        prediction = prediction or native
+        if prediction != native:
+            raise ValueError(f"{type(denoiser).__name__} predicts {native!r}; prediction={prediction!r} "
+                             "is not supported by this backend")
+        if isinstance(autocast_dtype, str) or autocast_dtype is None:
+            if autocast_dtype not in AUTOCAST:
+                raise ValueError(f"autocast_dtype must be one of {sorted(k for k in AUTOCAST if k)} or None, "
+                                 f"got {autocast_dtype!r}")
+            autocast_dtype = AUTOCAST[autocast_dtype]
+        elif autocast_dtype not in (torch.bfloat16, torch.float16):
+            raise ValueError(f"autocast_dtype must be torch.bfloat16, torch.float16 or None, got {autocast_dtype}")
+        if prediction == "epsilon":
+            alphas_cumprod = scaled_linear_alphas_cumprod() if alphas_cumprod is None else alphas_cumprod
+            if alphas_cumprod.ndim != 1 or alphas_cumprod.shape[0] != 1000:
+                raise ValueError(f"alphas_cumprod must have shape (1000,), got {tuple(alphas_cumprod.shape)}")
+        elif alphas_cumprod is not None:
+            raise ValueError("alphas_cumprod only applies to epsilon models")
+
+        self.denoiser = denoiser.eval().requires_grad_(False)
+        self.prediction = prediction
+        self.alphas_cumprod = alphas_cumprod
+        self.extra_cond_fn = extra_cond_fn
+        self.autocast_dtype = autocast_dtype
+        param = next(denoiser.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        self._injectors: dict = {}
+        self.sdxl = self.family == UNET and getattr(denoiser.config, "addition_embed_type", None) == "text_time"
+        if gradient_checkpointing:
+            self._enable_checkpointing()
+
+    # --- forward process -----------------------------------------------------------------
+    def noisy(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """z_t: DDIM add_noise (epsilon) or (1 - t/1000) x0 + t/1000 noise (flow)."""
+        if self.prediction == "epsilon":
+            return eps_noisy(self.alphas_cumprod, x0, noise, t)
+        return flow_noisy(x0, noise, t)
+
+    def target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The regression target: noise (epsilon) or noise - x0 (flow)."""
+        noise = noise.expand_as(x0)
+        return noise if self.prediction == "epsilon" else noise - x0
+
+    # --- prediction ----------------------------------------------------------------------
+    def predict(self, z_t: torch.Tensor, t: torch.Tensor, cond: Cond, tokens: SoftTokens | None,
+                set_index=0) -> torch.Tensor:
+        """The denoiser's prediction (N,C,h,w) in fp32; tokens=None runs the plain model."""
+        n = z_t.shape[0]
+        t = torch.as_tensor(t, device=self.device).reshape(-1)
+        t = t.expand(n) if t.numel() == 1 else t
+        if t.shape[0] != n:
+            raise ValueError(f"t has {t.shape[0]} entries for a batch of {n}")
+        kwargs = self._model_inputs(z_t, t, cond)
+        use = self.use_tokens(tokens, set_index) if tokens is not None else contextlib.nullcontext()
+        with use, self._autocast():
+            out = self.denoiser(**kwargs, return_dict=False)[0]
+        return out.float()
+
+    def use_tokens(self, tokens: SoftTokens, set_index=0):
+        """Context manager: plain calls of the denoiser inside it (e.g. a sampler) use the tokens."""
+        return self._injector(tokens).using(tokens, set_index)
+
+    def remove(self):
+        """Uninstall every token hook: the denoiser is exactly as before."""
+        for inj in self._injectors.values():
+            inj.remove()
+        self._injectors = {}
+
+    # --- internals -----------------------------------------------------------------------
+    def _model_inputs(self, z_t, t, cond: Cond) -> dict:
+        n = z_t.shape[0]
+        need = ["context"] + (["text_embeds", "time_ids"] if self.sdxl else []) + \
+               (["pooled"] if self.family != UNET else [])
+        missing = [k for k in need if k not in cond]
+        if missing:
+            raise ValueError(f"conditioning lacks {missing} (has {sorted(cond)}); "
+                             f"{type(self.denoiser).__name__} needs {need}")
+        bad = [k for k in need if cond[k].shape[0] != n]
+        if bad:
+            raise ValueError(f"conditioning rows {[(k, cond[k].shape[0]) for k in bad]} do not match the batch of {n}")
+        cast = lambda x: x.to(self.device, self.dtype)  # noqa: E731
+        if self.family == UNET:
+            kwargs = {"sample": cast(z_t), "timestep": t, "encoder_hidden_states": cast(cond["context"])}
+            if self.sdxl:
+                kwargs["added_cond_kwargs"] = {"text_embeds": cast(cond["text_embeds"]),
+                                               "time_ids": cast(cond["time_ids"])}
+        else:
+            kwargs = {"hidden_states": cast(z_t), "timestep": t, "encoder_hidden_states": cast(cond["context"]),
+                      "pooled_projections": cast(cond["pooled"])}
+        if self.extra_cond_fn is not None:
+            kwargs.update(self.extra_cond_fn(z_t, t, cond))
+        return kwargs
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def _injector(self, tokens: SoftTokens) -> TokenInjector:
+        inj = self._injectors.get(tokens.layout)
+        if inj is None:
+            inj = TokenInjector(self.denoiser, tokens)
+            inj.enabled = False  # only active inside predict's `using`
+            self._injectors[tokens.layout] = inj
+        return inj
+
+    def _enable_checkpointing(self):
+        params = inspect.signature(self.denoiser.enable_gradient_checkpointing).parameters
+        if "gradient_checkpointing_func" not in params:
+            raise ValueError("gradient checkpointing of the frozen backbone needs diffusers >= 0.32")
+        self.denoiser.enable_gradient_checkpointing(gradient_checkpointing_func=self._checkpoint)
+
+    def _checkpoint(self, module, *args):
+        """torch checkpoint of one block that replays the injectors' state when recomputing.
+
+        The recompute runs during backward, after ``predict`` has left its ``using`` block, so
+        the tokens, set index, timestep and token cache seen by the block's hooks are restored
+        to what they were in the forward pass.
+        """
+        state = [(inj, (inj.tokens, inj.enabled, inj.set_index, inj._t, dict(inj._cache)))
+                 for inj in self._injectors.values()]
+        calls = [0]
+
+        def run(*a):
+            calls[0] += 1
+            if calls[0] == 1:  # the forward pass itself
+                return module(*a)
+            saved = [(inj, (inj.tokens, inj.enabled, inj.set_index, inj._t, inj._cache)) for inj, _ in state]
+            try:
+                for inj, (tok, en, si, t, cache) in state:
+                    inj.tokens, inj.enabled, inj.set_index, inj._t, inj._cache = tok, en, si, t, dict(cache)
+                return module(*a)
+            finally:
+                for inj, (tok, en, si, t, cache) in saved:
+                    inj.tokens, inj.enabled, inj.set_index, inj._t, inj._cache = tok, en, si, t, cache
+
+        return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False)
+
+    # --- construction from local files ---------------------------------------------------
+    @classmethod
+    def from_local(cls, path, config=None, dtype: torch.dtype | None = None, **kwargs) -> "DiffusersBackend":
+        """A backend for local weights (see ``load_denoiser``); an epsilon model in a pipeline
+        folder takes its noise schedule from the folder's scheduler config."""
+        denoiser = load_denoiser(path, config=config, dtype=dtype)
+        if model_family(denoiser) == UNET and "alphas_cumprod" not in kwargs:
+            kwargs["alphas_cumprod"] = schedule_from_folder(config if Path(path).is_file() else path)
+        return cls(denoiser, **kwargs)
+
+
+# --- helpers ------------------------------------------------------------------------------
+
+def sdxl_time_ids(latent_h: int, latent_w: int, n: int = 1) -> torch.Tensor:
+    """SDXL add_time_ids (H, W, 0, 0, H, W) for latents of this size (pixels = 8x), (n, 6)."""
+    h, w = 8 * latent_h, 8 * latent_w
+    return torch.tensor([[h, w, 0, 0, h, w]], dtype=torch.float32).expand(n, -1).clone()
+
+
+def schedule_from_folder(path) -> torch.Tensor | None:
+    """alpha-bar from a pipeline folder's scheduler/scheduler_config.json, or None if there is none.
+
+    Supports the DDPM 'scaled_linear' and 'linear' beta schedules with epsilon prediction.
+    """
+    f = Path(path) / "scheduler" / "scheduler_config.json"
+    if not f.is_file():
+        return None
+    cfg = json.loads(f.read_text())
+    if cfg.get("prediction_type", "epsilon") != "epsilon":
+        raise ValueError(f"{f}: prediction_type {cfg['prediction_type']!r} is not supported (epsilon only)")
+    n = int(cfg.get("num_train_timesteps", 1000))
+    if n != 1000:
+        raise ValueError(f"{f}: num_train_timesteps={n}; soft-token training assumes 1000")
+    lo, hi, kind = float(cfg.get("beta_start", 0.00085)), float(cfg.get("beta_end", 0.012)), cfg.get("beta_schedule")
+    if kind == "scaled_linear":
+        return scaled_linear_alphas_cumprod(lo, hi, n)
+    if kind == "linear":
+        return torch.cumprod(1.0 - torch.linspace(lo, hi, n, dtype=torch.float64), dim=0)
+    raise ValueError(f"{f}: beta_schedule {kind!r} is not supported (scaled_linear or linear)")
+
+
+def load_denoiser(path, config=None, dtype: torch.dtype | None = None):
+    """Load a frozen diffusers denoiser from local files only (never the network).
+
+    path may be:
+    - a diffusers pipeline folder (model_index.json): its unet/ or transformer/ subfolder;
+    - a model folder: config.json + diffusion_pytorch_model*.safetensors (or .bin);
+    - a single .safetensors file (diffusers or original key names); then ``config`` must be a
+      local model or pipeline folder holding the model's config.json.
+    Raises ValueError when the weights are not local or the folder is not a supported model.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise ValueError(f"{path}: no such local file or folder. load_denoiser reads local weights only and "
+                         "never downloads; download the model first (e.g. `huggingface-cli download <repo> "
+                         "--local-dir <folder>`) and pass that folder.")
+    if p.is_dir():
+        folder = _model_folder(p)
+        model_cls = _model_class(folder / "config.json")
+        variant = _weights_variant(folder)
+        try:
+            model = model_cls.from_pretrained(str(folder), local_files_only=True, torch_dtype=dtype, variant=variant)
+        except OSError as e:
+            raise ValueError(f"{folder}: could not load the denoiser from local files: {e}") from e
+    else:
+        if p.suffix != ".safetensors":
+            raise ValueError(f"{p}: a single-file denoiser must be a .safetensors file")
+        if config is None:
+            raise ValueError(f"{p}: a single .safetensors file needs config=, a local model folder with "
+                             "config.json or a pipeline folder with unet/ or transformer/")
+        c = Path(config)
+        if not c.is_dir():
+            raise ValueError(f"config {config}: no such local folder (it must hold config.json, "
+                             "or be a pipeline folder)")
+        folder = _model_folder(c)
+        model_cls = _model_class(folder / "config.json")
+        sub = folder.name if folder != c else None
+        try:
+            model = model_cls.from_single_file(str(p), config=str(c), subfolder=sub, local_files_only=True,
+                                               torch_dtype=dtype)
+        except OSError as e:
+            raise ValueError(f"{p}: could not load with config {config}: {e}") from e
+    return model.eval().requires_grad_(False)
+
+
+def _model_folder(p: Path) -> Path:
+    """The folder holding the denoiser's config.json: p itself or its unet/ or transformer/."""
+    if (p / "config.json").is_file() and not (p / "model_index.json").is_file():
+        return p
+    for sub in ("transformer", "unet"):
+        if (p / sub / "config.json").is_file():
+            return p / sub
+    raise ValueError(f"{p}: neither a diffusers model folder (config.json) nor a pipeline folder with "
+                     "unet/ or transformer/")
+
+
+def _weights_variant(folder: Path) -> str | None:
+    """None for plain diffusion_pytorch_model weights, else the variant of the only weights
+    present (e.g. "fp16" for diffusion_pytorch_model.fp16.safetensors)."""
+    names = [f.name for f in folder.glob("diffusion_pytorch_model*")]
+    plain = {"diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin",
+             "diffusion_pytorch_model.safetensors.index.json", "diffusion_pytorch_model.bin.index.json"}
+    if plain & set(names):
+        return None
+    variants = sorted({m.group(1) for n in names
+                       for m in [re.fullmatch(r"diffusion_pytorch_model(?:\.safetensors\.index|\.bin\.index)?\.(\w+)"
+                                              r"\.(?:safetensors|bin|json)", n)] if m})
+    if not variants:
+        raise ValueError(f"{folder}: no diffusion_pytorch_model*.safetensors (or .bin) weights in this folder")
+    if len(variants) > 1:
+        raise ValueError(f"{folder}: several weight variants {variants}; keep one or add the plain weights")
+    return variants[0]
+
+
+def _model_class(config_file: Path):
+    import diffusers
+
+    name = json.loads(config_file.read_text()).get("_class_name")
+    if name not in DENOISER_CLASSES:
+        raise ValueError(f"{config_file}: model class {name!r} is not supported; expected one of {DENOISER_CLASSES}")
+    return getattr(diffusers, name)
