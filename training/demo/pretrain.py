@@ -1,0 +1,351 @@
+"""Pretraining, shipping, loading and sampling of the tiny pixel-space text-to-image model.
+
+The model: a diffusers ``UNet2DConditionModel`` cross-attending to a ``TinyTextEncoder`` over
+the world's word vocabulary. Its "latents" are the 3x32x32 images in [-1, 1], space-to-depth
+rearranged to 12x16x16 (``images_to_latents``: ``pixel_unshuffle`` by 2, a lossless permutation,
+so the diffusion is exactly pixel-space diffusion; the UNet just runs at 16x16, 4x cheaper).
+
+Forward process (what the soft-token engine's epsilon backend assumes): integer t in 0..999,
+z_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps with abar from SD's scaled_linear schedule, but
+with beta_end = 0.02 instead of 0.012 (``BETAS``): at 0.012, 32x32 pixels keep too much signal
+at t = 999 (abar 4.7e-3, the sampler's pure-noise start then mis-tints backgrounds); at 0.02
+abar_999 = 2.3e-4. The betas are stored in the shipped config. Target: epsilon, loss weighted
+by min-SNR-5, 10% of captions dropped to "" so classifier-free guidance works, EMA 0.999.
+
+``python -m training demo --pretrain`` runs ``train`` (periodic atomic checkpoints, resume)
+and ``export`` writes the EMA weights to ``training/assets/tiny_t2i/``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..backend import eps_noisy, scaled_linear_alphas_cumprod
+from . import world
+from .textenc import TinyTextEncoder, WordTokenizer
+
+ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "tiny_t2i"
+BETAS = (0.00085, 0.02)
+TEXT_LENGTH = 16
+TEXT_WIDTH = 128
+
+PATCH = 2  # space-to-depth factor between images and latents
+
+UNET_CONFIG = dict(
+    sample_size=world.SIZE // PATCH, in_channels=3 * PATCH ** 2, out_channels=3 * PATCH ** 2, layers_per_block=1,
+    block_out_channels=(32, 64, 64), norm_num_groups=1, attention_head_dim=4,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    cross_attention_dim=TEXT_WIDTH,
+)
+# norm_num_groups=1: GroupNorm over groups of channels erases the per-channel spatial means, so
+# an epsilon model cannot reproduce the mean of the noise it must predict; the error (x0 bias
+# amplified by 1/sqrt(abar) at high t) showed as tinted, checkered samples with 16 groups.
+TEXT_CONFIG = dict(length=TEXT_LENGTH, width=TEXT_WIDTH, layers=2, heads=4)
+
+TRAIN_DEFAULTS = dict(steps=3600, batch=64, lr=1e-3, warmup=200, weight_decay=0.01, ema=0.999,
+                      p_uncond=0.1, min_snr=5.0, seed=0, checkpoint_minutes=3.0)
+
+
+def alphas_cumprod() -> torch.Tensor:
+    """abar_t (float64, 1000) of the tiny model's forward process."""
+    return scaled_linear_alphas_cumprod(*BETAS)
+
+
+def build(unet_config=None, text_config=None, seed: int = 0):
+    """Fresh (unet, text_encoder, tokenizer) with seeded initial weights."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    tok = WordTokenizer(world.vocabulary(), (text_config or TEXT_CONFIG)["length"])
+    unet = UNet2DConditionModel(**(unet_config or UNET_CONFIG))
+    text = TinyTextEncoder(tok.vocab_size, **(text_config or TEXT_CONFIG))
+    return unet, text, tok
+
+
+def to_model_images(uint8_hwc: np.ndarray) -> torch.Tensor:
+    """uint8 (N, H, W, 3) -> float (N, 3, H, W) in [-1, 1]."""
+    x = torch.from_numpy(np.ascontiguousarray(uint8_hwc)).permute(0, 3, 1, 2).float()
+    return x / 127.5 - 1.0
+
+
+def images_to_latents(images: torch.Tensor) -> torch.Tensor:
+    """Images (N, 3, 32, 32) in [-1, 1] -> the model's latents (N, 12, 16, 16)."""
+    return F.pixel_unshuffle(images, PATCH)
+
+
+def latents_to_images(latents: torch.Tensor) -> torch.Tensor:
+    """Latents (N, 12, 16, 16) -> images (N, 3, 32, 32) (inverse of ``images_to_latents``)."""
+    return F.pixel_shuffle(latents, PATCH)
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """float (N, 3, H, W) in [-1, 1] -> uint8 (N, H, W, 3)."""
+    x = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).cpu().numpy()
+
+
+# --- training ---------------------------------------------------------------------------------
+
+def _lr_at(step: int, cfg: dict) -> float:
+    if step < cfg["warmup"]:
+        return cfg["lr"] * (step + 1) / cfg["warmup"]
+    p = (step - cfg["warmup"]) / max(1, cfg["steps"] - cfg["warmup"])
+    return cfg["lr"] * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, p))))
+
+
+def _save_atomic(obj, path: Path):
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def train(out_dir, steps: int | None = None, minutes: float | None = None, resume: bool = False,
+          threads: int | None = None, log_every: int = 50, progress: bool = True, **overrides) -> dict:
+    """Pretrain (or resume) into out_dir/ckpt.pt; returns the final state summary.
+
+    ``steps`` fixes the run length (and the cosine schedule); ``minutes`` stops this call early
+    after that much wall time (a later call resumes). Checkpoints are written atomically every
+    ``checkpoint_minutes`` and at the end. An existing checkpoint is continued only with
+    ``resume=True`` (else ValueError). Unknown keys in ``overrides`` raise ValueError.
+    """
+    unknown = set(overrides) - set(TRAIN_DEFAULTS)
+    if unknown:
+        raise ValueError(f"unknown training option(s) {sorted(unknown)}; known: {sorted(TRAIN_DEFAULTS)}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt_path = out / "ckpt.pt"
+    if ckpt_path.exists() and not resume:
+        raise ValueError(f"{ckpt_path} exists; pass --resume to continue it or choose another --out")
+    if threads:
+        torch.set_num_threads(threads)
+    ck = torch.load(ckpt_path, map_location="cpu", weights_only=False) if ckpt_path.exists() else None
+    cfg = dict(ck["cfg"] if ck else TRAIN_DEFAULTS, **overrides)  # a resumed run keeps its settings
+    if steps is not None:
+        cfg["steps"] = int(steps)
+
+    unet, text, tok = build(seed=cfg["seed"])
+    params = list(unet.parameters()) + list(text.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"], betas=(0.9, 0.99))
+    ema = [p.detach().clone() for p in params]
+    step, elapsed = 0, 0.0
+    if ck:
+        for k in ("batch", "seed"):
+            if ck["cfg"][k] != cfg[k]:
+                raise ValueError(f"{ckpt_path} was trained with {k}={ck['cfg'][k]}, not {cfg[k]}; "
+                                 f"use another --out or the same settings")
+        unet.load_state_dict(ck["unet"])
+        text.load_state_dict(ck["text"])
+        opt.load_state_dict(ck["opt"])
+        ema = ck["ema"]
+        step, elapsed = ck["step"], ck["elapsed"]
+        torch.set_rng_state(ck["rng"])
+        print(f"resumed {ckpt_path} at step {step} ({elapsed / 60:.1f} min trained)")
+    else:
+        torch.manual_seed(cfg["seed"] + 1)
+
+    def save():
+        _save_atomic({"unet": unet.state_dict(), "text": text.state_dict(), "opt": opt.state_dict(),
+                      "ema": ema, "step": step, "elapsed": elapsed, "rng": torch.get_rng_state(),
+                      "cfg": cfg, "unet_config": UNET_CONFIG, "text_config": TEXT_CONFIG,
+                      "betas": BETAS, "vocab": tok.words}, ckpt_path)
+
+    abar = alphas_cumprod().float()
+    snr = abar / (1 - abar)
+    weight = torch.clamp(snr, max=cfg["min_snr"]) / snr  # min-SNR-gamma for epsilon targets
+    unet.train()
+    text.train()
+    start, last_ckpt = time.time(), time.time()
+    base_elapsed = elapsed
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=cfg["steps"], initial=step, desc="pretrain", dynamic_ncols=True, mininterval=5)
+    losses = []
+    interrupted = False
+    try:  # Ctrl-C or SIGTERM (see cli) ends the run with a checkpoint
+        while step < cfg["steps"]:
+            if minutes is not None and time.time() - start > minutes * 60:
+                break
+            imgs, specs = world.make_batch(cfg["seed"], step, cfg["batch"])
+            x0 = images_to_latents(to_model_images(imgs))
+            caps = [s.caption for s in specs]
+            drop = torch.rand(len(caps)) < cfg["p_uncond"]
+            caps = ["" if d else c for c, d in zip(caps, drop.tolist())]
+            ids = tok(caps)
+            t = torch.randint(0, 1000, (len(caps),))
+            noise = torch.randn_like(x0)
+            z = eps_noisy(abar, x0, noise, t)
+            for g in opt.param_groups:
+                g["lr"] = _lr_at(step, cfg)
+            pred = unet(z, t, encoder_hidden_states=text(ids)).sample
+            per = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))
+            loss = (per * weight[t]).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            step += 1
+            d = min(cfg["ema"], (1 + step) / (10 + step))
+            with torch.no_grad():
+                torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - d)
+            losses.append(loss.item())
+            elapsed = base_elapsed + time.time() - start
+            if bar is not None:
+                bar.update(1)
+                if step % 10 == 0:
+                    bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}", lr=f"{_lr_at(step, cfg):.2e}")
+            if step % log_every == 0:
+                with open(out / "log.txt", "a") as f:
+                    f.write(f"step {step} loss {np.mean(losses[-log_every:]):.5f} lr {_lr_at(step, cfg):.3e} "
+                            f"elapsed {elapsed:.0f}s\n")
+            if time.time() - last_ckpt > cfg["checkpoint_minutes"] * 60:
+                save()
+                last_ckpt = time.time()
+    except KeyboardInterrupt:
+        interrupted = True
+    if bar is not None:
+        bar.close()
+    save()
+    done = step >= cfg["steps"]
+    print(f"{'finished' if done else 'interrupted' if interrupted else 'paused'} at step {step}/{cfg['steps']}, {elapsed / 60:.1f} min, "
+          f"{step * cfg['batch']:,} images seen; checkpoint {ckpt_path}")
+    return {"step": step, "steps": cfg["steps"], "elapsed": elapsed, "images": step * cfg["batch"],
+            "done": done, "checkpoint": str(ckpt_path)}
+
+
+# --- shipping and loading ---------------------------------------------------------------------
+
+def export(ckpt_path, out_dir=ASSET_DIR, dtype=torch.float32) -> Path:
+    """Write the checkpoint's EMA weights as config.json + unet/text_encoder .safetensors."""
+    from safetensors.torch import save_file
+
+    ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    unet, text, tok = build(ck["unet_config"], ck["text_config"])
+    names = [n for n, _ in unet.named_parameters()] + [n for n, _ in text.named_parameters()]
+    n_unet = len(list(unet.parameters()))
+    unet.load_state_dict(ck["unet"])
+    text.load_state_dict(ck["text"])
+    with torch.no_grad():
+        for p, e in zip(list(unet.parameters()) + list(text.parameters()), ck["ema"]):
+            p.copy_(e)
+    assert len(names) == len(ck["ema"]) and n_unet <= len(names)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.to(dtype).contiguous() for k, v in unet.state_dict().items()}, str(out / "unet.safetensors"))
+    save_file({k: v.to(dtype).contiguous() for k, v in text.state_dict().items()},
+              str(out / "text_encoder.safetensors"))
+    meta = {"unet_config": {k: list(v) if isinstance(v, tuple) else v for k, v in ck["unet_config"].items()},
+            "text_config": ck["text_config"], "vocab": ck["vocab"], "betas": list(ck["betas"]),
+            "prediction": "epsilon", "schedule": "scaled_linear", "image_range": [-1, 1],
+            "latents": f"pixel_unshuffle(image, {PATCH})",
+            "train": {"step": ck["step"], "elapsed_s": round(ck["elapsed"]), "images": ck["step"] * ck["cfg"]["batch"],
+                      **{k: v for k, v in ck["cfg"].items()}}}
+    (out / "config.json").write_text(json.dumps(meta, indent=1))
+    return out
+
+
+def load_tiny_t2i(device="cpu", path=None):
+    """The shipped tiny model: (unet, encode) with encode(list[str]) -> (N, 16, 128) context.
+
+    Both are frozen (eval mode, requires_grad False); encode runs without grad.
+    """
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import load_file
+
+    d = Path(path) if path else ASSET_DIR
+    if not (d / "config.json").exists():
+        raise ValueError(f"no tiny text-to-image model in {d}; run `python -m training demo --pretrain` "
+                         f"and export it")
+    meta = json.loads((d / "config.json").read_text())
+    if tuple(meta["betas"]) != BETAS:
+        raise ValueError(f"{d} was trained with betas {meta['betas']}, this code samples with {BETAS}")
+    unet = UNet2DConditionModel(**meta["unet_config"])
+    unet.load_state_dict({k: v.float() for k, v in load_file(str(d / "unet.safetensors")).items()})
+    tok = WordTokenizer(meta["vocab"], meta["text_config"]["length"])
+    text = TinyTextEncoder(tok.vocab_size, **meta["text_config"])
+    text.load_state_dict({k: v.float() for k, v in load_file(str(d / "text_encoder.safetensors")).items()})
+    for m in (unet, text):
+        m.to(device).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def encode(prompts):
+        return text(tok(list(prompts)).to(device))
+
+    encode.tokenizer = tok
+    return unet, encode
+
+
+# --- sampling ---------------------------------------------------------------------------------
+
+def ddim_timesteps(steps: int) -> list:
+    """Trailing DDIM timesteps, from 999 down (e.g. 20 steps: 999, 949, ..., 49)."""
+    if not 1 <= steps <= 1000:
+        raise ValueError(f"steps must be in 1..1000, got {steps}")
+    return [int(round(1000 - i * 1000 / steps)) - 1 for i in range(steps)]
+
+
+@torch.no_grad()
+def sample(unet, encode, prompts, seed: int = 0, steps: int = 25, cfg: float = 3.0,
+           tokens_injector=None, batch: int = 128) -> torch.Tensor:
+    """DDIM (eta = 0) with classifier-free guidance; returns images (N, 3, 32, 32) in [-1, 1].
+
+    The loop runs on latents (N, 12, 16, 16); the result is decoded with ``latents_to_images``.
+
+    The UNet is called normally (conditional and unconditional halves in one batch), so
+    forward hooks such as an installed ``TokenInjector`` act on both branches.
+    ``tokens_injector`` may be a context manager (e.g. ``injector.using(tokens)``), entered
+    around the whole loop; an installed injector needs nothing. Noise depends on seed only.
+    """
+    prompts = list(prompts)
+    ts = ddim_timesteps(steps)
+    dev = next(unet.parameters()).device
+    abar = alphas_cumprod().float().to(dev)
+    size = unet.config.sample_size
+    g = torch.Generator().manual_seed(seed)
+    x_all = torch.randn(len(prompts), unet.config.in_channels, size, size, generator=g).to(dev)
+    uncond = encode([""])
+    ctx = tokens_injector if hasattr(tokens_injector, "__enter__") else contextlib.nullcontext()
+    out = []
+    with ctx:
+        for i in range(0, len(prompts), batch):
+            x = x_all[i:i + batch]
+            n = len(x)
+            c = torch.cat([uncond.expand(n, -1, -1), encode(prompts[i:i + batch])])
+            for k, t in enumerate(ts):
+                tt = torch.full((2 * n,), t, dtype=torch.long, device=dev)
+                e_u, e_c = unet(torch.cat([x, x]), tt, encoder_hidden_states=c).sample.chunk(2)
+                eps = e_u + cfg * (e_c - e_u)
+                a_t = abar[t]
+                a_prev = abar[ts[k + 1]] if k + 1 < len(ts) else torch.tensor(1.0, device=dev)
+                x0 = ((x - (1 - a_t).sqrt() * eps) / a_t.sqrt()).clamp(-1, 1)
+                eps = (x - a_t.sqrt() * x0) / (1 - a_t).sqrt()  # consistent with the clipped x0
+                x = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
+            out.append(x)
+    return latents_to_images(torch.cat(out)).clamp(-1, 1)
+
+
+
+# --- evaluation -------------------------------------------------------------------------------
+
+def evaluate_model(unet, encode, split: str = "heldout", n: int = 96, seed: int = 0, steps: int = 25,
+                   cfg: float = 3.0, tokens_injector=None) -> dict:
+    """GenEval-mini accuracies of the model on n prompts of a split (half count, half relation).
+
+    Prompts are a fixed function of (split, n, seed); so is the sampling noise.
+    """
+    from .geneval_mini import evaluate
+
+    specs = world.sample_specs(seed, n, split)
+    images = sample(unet, encode, [s.caption for s in specs], seed=seed, steps=steps, cfg=cfg,
+                    tokens_injector=tokens_injector)
+    return evaluate(images, specs)
