@@ -128,7 +128,7 @@ def train(out_dir, steps: int | None = None, minutes: float | None = None, resum
         raise ValueError(f"{ckpt_path} exists; pass --resume to continue it or choose another --out")
     if threads:
         torch.set_num_threads(threads)
-    ck = torch.load(ckpt_path, map_location="cpu", weights_only=False) if ckpt_path.exists() else None
+    ck = torch.load(ckpt_path, map_location="cpu", weights_only=True) if ckpt_path.exists() else None
     cfg = dict(ck["cfg"] if ck else TRAIN_DEFAULTS, **overrides)  # a resumed run keeps its settings
     if steps is not None:
         cfg["steps"] = int(steps)
@@ -229,7 +229,7 @@ def export(ckpt_path, out_dir=ASSET_DIR, dtype=torch.float32) -> Path:
     """Write the checkpoint's EMA weights as config.json + unet/text_encoder .safetensors."""
     from safetensors.torch import save_file
 
-    ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
     unet, text, tok = build(ck["unet_config"], ck["text_config"])
     names = [n for n, _ in unet.named_parameters()] + [n for n, _ in text.named_parameters()]
     n_unet = len(list(unet.parameters()))
