@@ -3,7 +3,8 @@
 Runs ComfyUI's own sampler (what KSampler does) side by side, interleaved, on
 - a UNet (SD1.5 layout: 77-token context, tokens after BOS in the down blocks), and
 - an MMDiT (SD3 layout: 77 + 256 text tokens, tokens in joint blocks 0-4),
-with random weights, and prints the median ratio. Target: overhead <= 3%.
+with random weights, and prints the median ratio. Target: overhead <= 3%. Control rows
+(patches that do no extra work) show the noise floor of the machine the ratios come from.
 
     COMFYUI_PATH=/path/to/ComfyUI python bench/sampling_overhead.py [--repeats 7]
 """
@@ -74,6 +75,9 @@ def main():
                       pos, neg, args.steps, args.repeats, (32, 32))]
     ratios.append(compare("UNet, strength 0.5 (bias path)", unet, patch.apply_soft_tokens(unet, tok, 0.5),
                           pos, neg, args.steps, args.repeats, (32, 32)))
+    control = unet.clone()  # does no extra work: shows the measurement's noise floor
+    control.set_model_attn2_patch(lambda n, c, v, extra: (n, c, v))
+    compare("control: no-op attn2 patch", unet, control, pos, neg, args.steps, args.repeats, (32, 32))
 
     depth = 6  # hidden 384
     mmdit = comfy_env.tiny_sd3(seed=0, depth=depth, num_blocks=8, pos_embed_max_size=32)
@@ -83,6 +87,10 @@ def main():
     pos, neg = torch.randn(1, 77 + 256, 4096), torch.randn(1, 77 + 256, 4096)
     ratios.append(compare("MMDiT (SD3 layout), 333 text tokens", mmdit, patch.apply_soft_tokens(mmdit, tok),
                           pos, neg, args.steps, args.repeats, (32, 32)))
+    control = mmdit.clone()
+    for i in range(5):
+        control.set_model_patch_replace(lambda a, extra: extra["original_block"](a), "dit", "double_block", i)
+    compare("control: identity double_block replace", mmdit, control, pos, neg, args.steps, args.repeats, (32, 32))
     worst = max(ratios)
     print(f"\nworst ratio {worst:.4f} (target <= 1.03): {'PASS' if worst <= 1.03 else 'FAIL'}")
 
