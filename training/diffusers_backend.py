@@ -174,22 +174,21 @@ class DiffusersBackend:
         the tokens, set index, timestep and token cache seen by the block's hooks are restored
         to what they were in the forward pass.
         """
-        state = [(inj, (inj.tokens, inj.enabled, inj.set_index, inj._t, dict(inj._cache)))
-                 for inj in self._injectors.values()]
+        state = [(inj, inj.snapshot()) for inj in self._injectors.values()]
         calls = [0]
 
         def run(*a):
             calls[0] += 1
             if calls[0] == 1:  # the forward pass itself
                 return module(*a)
-            saved = [(inj, (inj.tokens, inj.enabled, inj.set_index, inj._t, inj._cache)) for inj, _ in state]
+            saved = [(inj, inj.snapshot()) for inj, _ in state]
             try:
-                for inj, (tok, en, si, t, cache) in state:
-                    inj.tokens, inj.enabled, inj.set_index, inj._t, inj._cache = tok, en, si, t, dict(cache)
+                for inj, snap in state:
+                    inj.restore(snap)
                 return module(*a)
             finally:
-                for inj, (tok, en, si, t, cache) in saved:
-                    inj.tokens, inj.enabled, inj.set_index, inj._t, inj._cache = tok, en, si, t, cache
+                for inj, snap in saved:
+                    inj.restore(snap)
 
         return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False)
 

@@ -94,6 +94,15 @@ class TokenInjector:
         finally:
             self.tokens, self.enabled, self.set_index = old
 
+    def snapshot(self) -> tuple:
+        """The state the hooks read (tokens, switch, set index, timestep, token cache)."""
+        return self.tokens, self.enabled, self.set_index, self._t, dict(self._cache)
+
+    def restore(self, state: tuple) -> None:
+        """Put back a ``snapshot()``, e.g. to recompute a checkpointed block during backward."""
+        self.tokens, self.enabled, self.set_index, self._t, cache = state
+        self._cache = dict(cache)
+
     @contextlib.contextmanager
     def tokens_set(self, set_index):
         """Use the installed tokens with another set index (AGSM polarity) inside the block."""
