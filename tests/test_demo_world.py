@@ -33,13 +33,13 @@ def test_captions_round_trip_and_grammar():
     with pytest.raises(ValueError, match="grammar"):
         world.parse_caption("a purple dog")
     with pytest.raises(ValueError):
-        world.Spec("count", (("red", "circle"),), 4)
+        world.Spec("count", (("red", "circle"),), 5)
 
 
 def test_splits_hold_out_combinations_but_no_words():
     train, held = world.split_specs("train"), world.split_specs("heldout")
     assert not set(train) & set(held)
-    assert len(train) + len(held) == len(world.all_specs()) == 36 + 264
+    assert len(train) + len(held) == len(world.all_specs()) == 48 + 264
     assert {s.kind for s in held} == {"count", "relation"}
     train_words = {w for s in train for w in s.caption.split()}
     held_words = {w for s in held for w in s.caption.split()}
@@ -99,7 +99,12 @@ def test_geneval_mini_rejects_wrong_images(renders):
     acc = G.evaluate(imgs[counts], [world.Spec("count", specs[i].objects, 3) for i in counts])
     assert acc["count"] <= 0.02
     blank = np.zeros((1, 32, 32, 3), np.uint8)
-    assert G.evaluate(blank, ["one red circle"])["colour"] == 0.0
+    acc = G.evaluate(blank, ["one red circle"])
+    assert acc["colour"] == 0.0 and acc["overall"] == 0.0
+    assert "count" not in acc  # single-object prompts are not counting prompts (as in GenEval)
+    pair = [i for i, s in enumerate(specs) if s.kind == "count" and s.count == 2][:1]
+    acc = G.evaluate(imgs[pair], [world.Spec("count", specs[pair[0]].objects, 1)])
+    assert acc["overall"] == 0.0 and "count" not in acc  # two objects for "one": overall fails
 
 
 def test_geneval_mini_accepts_model_tensors(renders):

@@ -13,7 +13,9 @@ Plain image processing (numpy only), robust to tinted and noisy backgrounds:
 
 Scoring against a ``world.Spec`` (``score``), per image:
 - colour: every requested colour is present; shape: every requested shape is present;
-- count (count scenes): the number of objects equals the requested number;
+- count (count scenes of two or more objects, as GenEval's counting prompts use 2-4): the
+  number of objects equals the requested number. "one red circle" is a single-object prompt:
+  its colour, shape and overall (exactly one such object) are scored, its count is not;
 - binding (relation scenes): both requested (colour, shape) objects are present;
 - position (relation scenes): both are present and objects[0] lies left/right of objects[1];
 - overall: every applicable check passes (count scenes: also no object of another kind).
@@ -133,8 +135,10 @@ def score(objects: list, spec: world.Spec) -> dict:
     out = {"colour": all(any(o["colour"] == c for o in objects) for c, _ in want),
            "shape": all(any(o["shape"] == s for o in objects) for _, s in want)}
     if spec.kind == "count":
-        out["count"] = len(objects) == spec.count
-        out["overall"] = out["count"] and all(k == want[0] for k in kinds)
+        right_number = len(objects) == spec.count
+        if spec.count >= 2:
+            out["count"] = right_number
+        out["overall"] = right_number and all(k == want[0] for k in kinds)
     else:
         out["binding"] = all(w in kinds for w in want)
         pos = False
@@ -152,7 +156,7 @@ def evaluate(images, specs, details: bool = False):
     """Per-category accuracy of images (see ``as_uint8_images``) against specs (or captions).
 
     Returns {category: accuracy} over the images where the category applies (count: count
-    scenes; binding, position: relation scenes); with details=True also the per-image
+    scenes of 2+ objects; binding, position: relation scenes); with details=True also the per-image
     results and detections.
     """
     imgs = as_uint8_images(images)

@@ -1,7 +1,7 @@
 """The demo world: captioned 32x32 images of coloured shapes, generated from a seed.
 
 Two kinds of scene, each described by a ``Spec``:
-- count scenes: N copies of one object type, "two red circles" (N = 1..3);
+- count scenes: N copies of one object type, "two red circles" (N = 1..4);
 - relation scenes: two different objects side by side, "a blue square left of a yellow triangle".
 
 Everything is deterministic: ``spec_stream(seed, split)[i]`` and ``render(spec, seed)`` depend
@@ -24,10 +24,10 @@ COLOURS = {  # RGB 0..255, far apart from each other and from black
     "yellow": (240, 220, 40),
 }
 SHAPES = ("circle", "square", "triangle")
-NUMBERS = {1: "one", 2: "two", 3: "three"}
+NUMBERS = {1: "one", 2: "two", 3: "three", 4: "four"}
 RELATIONS = ("left of", "right of")
 BACKGROUND = (0, 0, 0)
-OBJ_SIZE = {1: (12.0, 15.0), 2: (11.0, 13.0), 3: (9.5, 11.5)}  # box side (px) by number of objects
+OBJ_SIZE = {1: (12.0, 15.0), 2: (11.0, 13.0), 3: (9.5, 11.5), 4: (9.5, 11.0)}  # box side (px) by number of objects
 MIN_GAP = 2.0  # pixels between object bounding boxes
 SUPERSAMPLE = 4
 
@@ -53,7 +53,7 @@ class Spec:
                 raise ValueError(f"unknown object {c!r} {s!r}")
         if self.kind == "count":
             if len(self.objects) != 1 or self.count not in NUMBERS:
-                raise ValueError(f"a count spec needs one object and count 1..3, got {self}")
+                raise ValueError(f"a count spec needs one object and count 1..{max(NUMBERS)}, got {self}")
         elif self.kind == "relation":
             if len(self.objects) != 2 or self.relation not in RELATIONS or self.objects[0] == self.objects[1]:
                 raise ValueError(f"a relation spec needs two different objects and a relation, got {self}")
@@ -74,18 +74,18 @@ class Spec:
 
 
 def all_specs() -> list:
-    """Every spec of the world (36 count scenes, 264 relation scenes), in a fixed order."""
+    """Every spec of the world (48 count scenes, 264 relation scenes), in a fixed order."""
     out = [Spec("count", (o,), n) for o in OBJECTS for n in NUMBERS]
     out += [Spec("relation", (a, b), relation=r) for a in OBJECTS for b in OBJECTS if a != b for r in RELATIONS]
     return out
 
 
 def _heldout() -> frozenset:
-    # Held out: 6 (object, count) combinations and 24 unordered object pairs (both relations,
+    # Held out: 8 (object, count) combinations and 24 unordered object pairs (both relations,
     # both orders). Every colour, shape, number and relation word still occurs in training.
     rng = np.random.default_rng(20261123)
     counts = [s for s in all_specs() if s.kind == "count"]
-    held = {counts[i] for i in rng.choice(len(counts), 6, replace=False)}
+    held = {counts[i] for i in rng.choice(len(counts), 8, replace=False)}
     pairs = sorted({tuple(sorted(s.objects)) for s in all_specs() if s.kind == "relation"})
     for i in rng.choice(len(pairs), 24, replace=False):
         a, b = pairs[i]
@@ -201,7 +201,7 @@ def make_batch(seed: int, index: int, n: int, split: str = "train") -> tuple:
 
 # --- captions -> specs ------------------------------------------------------------------------
 
-_WORDS = {"a": 1, "an": 1, "one": 1, "two": 2, "three": 3}
+_WORDS = {"a": 1, "an": 1, "one": 1, "two": 2, "three": 3, "four": 4}
 
 
 def parse_caption(text: str) -> Spec:
@@ -210,7 +210,7 @@ def parse_caption(text: str) -> Spec:
     colour = "|".join(COLOURS)
     shape = "|".join(SHAPES)
     joined = " ".join(words)
-    m = re.fullmatch(rf"(a|an|one|two|three) ({colour}) ({shape})s?", joined)
+    m = re.fullmatch(rf"(a|an|one|two|three|four) ({colour}) ({shape})s?", joined)
     if m:
         n = _WORDS[m.group(1)]
         return Spec("count", ((m.group(2), m.group(3)),), n)
