@@ -165,12 +165,19 @@ def summarize(rows: list) -> dict:
     return {k: (float(np.mean([r[k] for r in rows])), float(np.std([r[k] for r in rows]))) for k in keys}
 
 
+def paired_deltas(results: dict) -> dict:
+    """{method: {metric: (mean, std)}} of (method - base) per seed: same prompts, noise and pairs."""
+    return {c: summarize([{k: r[k] - b[k] for k in b} for r, b in zip(results[c], results["base"])])
+            for c in results if c != "base"}
+
+
 def write_report(out: Path, size, temps, results, histories, unet, encode, backend, token_files, elapsed):
     """report.md, results.json, curves.png and grid.png in ``out``."""
     stats = {c: summarize(rows) for c, rows in results.items()}
+    deltas = paired_deltas(results)
     (out / "results.json").write_text(json.dumps({"size": size.__dict__, "tau": temps[0], "temp": temps[1],
-                                                  "seconds": round(elapsed),
-                                                  "per_seed": results, "mean_std": stats}, indent=1))
+                                                  "seconds": round(elapsed), "per_seed": results,
+                                                  "mean_std": stats, "paired_delta": deltas}, indent=1))
     plot_curves(out / "curves.png", histories)
     plot_grid(out / "grid.png", unet, encode, backend, token_files, size)
     cols = [k for k in stats["base"] if k.startswith("geneval_")] + ["align", "quality"]
@@ -180,6 +187,9 @@ def write_report(out: Path, size, temps, results, histories, unet, encode, backe
     for c in CONDITIONS:
         cells = [f"{stats[c][k][0]:.3f} ± {stats[c][k][1]:.3f}" for k in cols]
         lines.append(f"| {c} | " + " | ".join(cells) + " |")
+    for c, d in deltas.items():
+        cells = [f"{d[k][0]:+.3f} ± {d[k][1]:.3f}" for k in cols]
+        lines.append(f"| {c} − base | " + " | ".join(cells) + " |")
     text = f"""# Soft-token demo report
 
 Tiny text-to-image model (`training/assets/tiny_t2i`), frozen; tokens trained with the engine.
@@ -187,8 +197,11 @@ Seeds: {list(size.seeds)} (mean ± std over seeds). Wall time: {elapsed / 60:.1f
 
 {chr(10).join(lines)}
 
+- "− base" rows: the change against the base model within each seed (same prompts, noise and
+  pairs), mean ± std over seeds; a change within about one std of zero is noise.
 - GenEval-mini columns: accuracy on {size.n_eval} held-out prompts per seed (colour and shape
   combinations never seen in pretraining), {size.sample_steps} DDIM steps, CFG 3; tokens in both branches.
+  count: prompts of 2-4 objects (as GenEval's counting); binding, position: two-object prompts.
 - alignment score: diffusion-classifier top-1 accuracy on {size.n_val} held-out image-caption pairs,
   groups of 4 (chance 0.25), t in (100, 300, 500, 700, 900).
 - quality proxy: share of pixels near black or a palette colour (ground-truth renders: 0.949).
