@@ -22,3 +22,15 @@ def test_smoke_demo_writes_every_report_file(tmp_path):
         assert 0 <= rows[0]["geneval_overall"] <= 1 and 0 <= rows[0]["align"] <= 1
     text = (out / "report.md").read_text()
     assert "| softrepa |" in text and "| agsm |" in text and "grid.png" in text
+    assert "| softrepa − base |" in text and "paired_delta" in res
+
+
+def test_paired_deltas_and_missing_categories():
+    nan = float("nan")
+    results = {"base": [{"a": 0.5, "c": nan}, {"a": 0.7, "c": 0.2}],
+               "softrepa": [{"a": 0.6, "c": 0.4}, {"a": 0.7, "c": 0.6}]}
+    d = run.paired_deltas(results)["softrepa"]
+    assert d["a"] == pytest.approx((0.05, 0.05))
+    assert d["c"] == pytest.approx((0.4, 0.0))  # the seed where base had no such prompt is left out
+    assert run.summarize(results["base"])["c"] == pytest.approx((0.2, 0.0))
+    assert all(v != v for v in run.summarize([{"x": nan}])["x"])  # nothing measured: NaN, not an error

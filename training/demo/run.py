@@ -41,7 +41,7 @@ from ..pairs import pair_errors
 from ..score import alignment_score
 from ..trainer import TensorData, TrainConfig, bos_init, train
 from . import pretrain, world
-from .geneval_mini import evaluate
+from .geneval_mini import CATEGORIES, evaluate
 
 CONDITIONS = ("base", "softrepa", "agsm")
 
@@ -109,7 +109,9 @@ def measure(unet, encode, backend, tokens, val, size: DemoSize, seed: int) -> di
     ctx = backend.use_tokens(tokens) if tokens is not None else None
     images = pretrain.sample(unet, encode, [s.caption for s in specs], seed=seed, steps=size.sample_steps,
                              tokens_injector=ctx)
-    out = {f"geneval_{k}": v for k, v in evaluate(images, specs).items()}
+    acc = evaluate(images, specs)
+    # NaN where no prompt of a category was drawn (possible in tiny runs), so every row has every key
+    out = {f"geneval_{k}": acc.get(k, float("nan")) for k in CATEGORIES}
     key = "accuracy" if tokens is not None else "accuracy_base"
     out["align"] = alignment_score(backend, tokens, val[0], val[1], base=tokens is None)[key]
     out["quality"] = clean_pixel_rate(images)
@@ -160,9 +162,13 @@ def run_demo(out_dir="demo_report", size: DemoSize = FULL, progress: bool = True
 
 
 def summarize(rows: list) -> dict:
-    """{metric: (mean, std)} over seeds."""
-    keys = rows[0].keys()
-    return {k: (float(np.mean([r[k] for r in rows])), float(np.std([r[k] for r in rows]))) for k in keys}
+    """{metric: (mean, std)} over seeds, ignoring NaN (a category no prompt of a seed fell in)."""
+    out = {}
+    for k in rows[0]:
+        vals = np.array([r[k] for r in rows], dtype=float)
+        vals = vals[~np.isnan(vals)]
+        out[k] = (float(vals.mean()), float(vals.std())) if len(vals) else (float("nan"), float("nan"))
+    return out
 
 
 def paired_deltas(results: dict) -> dict:
