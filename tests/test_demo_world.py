@@ -155,8 +155,8 @@ def test_pretrain_resume_matches_uninterrupted_run(tmp_path):
     with pytest.raises(ValueError, match="--resume"):
         P.train(tmp_path / "b", steps=4, batch=4, progress=False)
     assert cli_main(args + ["--out", str(tmp_path / "b"), "--resume"]) == 0
-    a = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=False)
-    b = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=False)
+    a = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)
     assert a["step"] == b["step"] == 4
     for x, y in zip(a["ema"], b["ema"]):
         assert torch.equal(x, y)

@@ -201,7 +201,7 @@ def make_batch(seed: int, index: int, n: int, split: str = "train") -> tuple:
 
 # --- captions -> specs ------------------------------------------------------------------------
 
-_WORDS = {"a": 1, "an": 1, "one": 1, "two": 2, "three": 3, "four": 4}
+_WORDS = {"a": 1, "an": 1, **{word: n for n, word in NUMBERS.items()}}
 
 
 def parse_caption(text: str) -> Spec:
@@ -210,7 +210,7 @@ def parse_caption(text: str) -> Spec:
     colour = "|".join(COLOURS)
     shape = "|".join(SHAPES)
     joined = " ".join(words)
-    m = re.fullmatch(rf"(a|an|one|two|three|four) ({colour}) ({shape})s?", joined)
+    m = re.fullmatch(rf"({'|'.join(_WORDS)}) ({colour}) ({shape})s?", joined)
     if m:
         n = _WORDS[m.group(1)]
         return Spec("count", ((m.group(2), m.group(3)),), n)
