@@ -22,6 +22,9 @@ def test_generator_is_deterministic():
     assert not np.array_equal(a, c)
     spec = world.parse_caption("two red circles")
     assert np.array_equal(world.render(spec, 5)[0], world.render(spec, 5)[0])
+    # the pretraining stream's scene mix
+    assert {s.kind for s in world.make_batch(0, 0, 32, p_count=0.0)[1]} == {"relation"}
+    assert {s.kind for s in world.make_batch(0, 0, 32, p_count=1.0)[1]} == {"count"}
 
 
 def test_captions_round_trip_and_grammar():
