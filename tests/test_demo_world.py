@@ -25,6 +25,8 @@ def test_generator_is_deterministic():
     # the pretraining stream's scene mix
     assert {s.kind for s in world.make_batch(0, 0, 32, p_count=0.0)[1]} == {"relation"}
     assert {s.kind for s in world.make_batch(0, 0, 32, p_count=1.0)[1]} == {"count"}
+    with pytest.raises(ValueError, match="p_count"):
+        world.make_batch(0, 0, 4, p_count=30)
 
 
 def test_captions_round_trip_and_grammar():

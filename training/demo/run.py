@@ -207,7 +207,7 @@ Seeds: {list(size.seeds)} (mean ± std over seeds). Wall time: {elapsed / 60:.1f
   pairs), mean ± std over seeds; a change within about one std of zero is noise.
 - GenEval-mini columns: accuracy on {size.n_eval} held-out prompts per seed (colour and shape
   combinations never seen in pretraining), {size.sample_steps} DDIM steps, CFG 3; tokens in both branches.
-  count: prompts of 2-4 objects (as GenEval's counting); binding, position: two-object prompts.
+  count: prompts of 2-{max(world.NUMBERS)} objects (as GenEval's counting); binding, position: two-object prompts.
 - alignment score: diffusion-classifier top-1 accuracy on {size.n_val} held-out image-caption pairs,
   groups of 4 (chance 0.25), t in (100, 300, 500, 700, 900).
 - quality proxy: share of pixels near black or a palette colour (ground-truth renders: 0.949).

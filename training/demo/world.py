@@ -4,7 +4,7 @@ Two kinds of scene, each described by a ``Spec``:
 - count scenes: N copies of one object type, "two red circles" (N = 1..4);
 - relation scenes: two different objects side by side, "a blue square left of a yellow triangle".
 
-Everything is deterministic: ``spec_stream(seed, split)[i]`` and ``render(spec, seed)`` depend
+Everything is deterministic: ``sample_specs(seed, n, split)`` and ``render(spec, seed)`` depend
 only on their arguments. A fixed, seeded set of attribute combinations (``HELDOUT``) never
 appears in the "train" split; the "heldout" split draws only from it.
 """
@@ -112,6 +112,8 @@ def split_specs(split: str) -> list:
 
 def sample_specs(seed: int, n: int, split: str = "train", p_count: float = 0.5) -> list:
     """n specs drawn with replacement: count scenes with probability p_count, else relations."""
+    if not 0.0 <= p_count <= 1.0:
+        raise ValueError(f"p_count is a probability in [0, 1], got {p_count}")
     specs = split_specs(split)
     counts = [s for s in specs if s.kind == "count"]
     rels = [s for s in specs if s.kind == "relation"]
