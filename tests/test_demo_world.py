@@ -191,6 +191,18 @@ def test_shipped_model_loads_and_samples(shipped):
     assert a.min() >= -1 and a.max() <= 1
 
 
+def test_shipped_model_was_trained_with_the_default_recipe(shipped):
+    # `python -m training demo --pretrain` (TRAIN_DEFAULTS) must reproduce what is shipped
+    import json
+
+    meta = json.loads((P.ASSET_DIR / "config.json").read_text())
+    train = meta["train"]
+    assert {k: train[k] for k in P.TRAIN_DEFAULTS} == P.TRAIN_DEFAULTS
+    assert train["step"] == P.TRAIN_DEFAULTS["steps"]
+    assert meta["unet_config"] == json.loads(json.dumps(P.UNET_CONFIG))
+    assert meta["text_config"] == P.TEXT_CONFIG and tuple(meta["betas"]) == P.BETAS
+
+
 def test_shipped_model_samples_through_token_injector(shipped):
     from training.diffusers_hooks import TokenInjector
     from training.layouts import TokenLayout
