@@ -146,3 +146,55 @@ def test_cli_convert_and_info(reference_dir, tmp_path):
     assert r.returncode == 2 and "exists" in r.stderr
     r = run_cli("info", tmp_path / "nope")
     assert r.returncode == 2 and "does not exist" in r.stderr
+
+
+# --- non-finite tokens ---------------------------------------------------------------------------
+
+def write_raw_token_file(tok, path):
+    """Write tokens with safetensors directly, as a broken trainer might (bypassing save_tokens)."""
+    from safetensors.torch import save_file
+
+    meta = {"format": "soft-tokens", "format_version": "1", "method": tok.layout.method,
+            "arch": tok.layout.arch, "layout": tok.layout.to_json()}
+    save_file({"static": tok.static.detach().clone(), "time": tok.time.detach().clone()}, str(path), metadata=meta)
+    return path
+
+
+def test_nan_token_file_is_refused(tmp_path):
+    tok = make_tokens()
+    tok.static.data[0, 1, 0, :3] = float("nan")
+    path = write_raw_token_file(tok, tmp_path / "nan.safetensors")
+    with pytest.raises(ValueError, match=r"nan\.safetensors.*'static' tensor holds 3 non-finite") as e:
+        load_tokens(path)
+    assert str(path) in str(e.value) and "best.safetensors" in str(e.value)
+
+
+def test_official_file_with_inf_is_refused(tmp_path):
+    torch.save(torch.randn(4, 768), tmp_path / "dc_tokens.pth")
+    time = torch.randn(100, 768)
+    time[5, 7] = float("inf")
+    torch.save(time, tmp_path / "dc_t_tokens.pth")
+    with pytest.raises(ValueError, match="'time' tensor holds 1 non-finite") as e:
+        load_tokens(tmp_path)
+    assert str(tmp_path) in str(e.value)
+
+
+def test_save_refuses_nan_tokens_and_writes_nothing(tmp_path):
+    tok = make_tokens()
+    tok.time.data[3, 0] = float("nan")
+    out = tmp_path / "t.safetensors"
+    with pytest.raises(ValueError, match="'time' tensor holds 1 non-finite") as e:
+        save_tokens(tok, out)
+    assert str(out) in str(e.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_info_refuses_nan_file(tmp_path, capsys):
+    from training.cli import main
+
+    tok = make_tokens()
+    tok.static.data.fill_(float("nan"))
+    path = write_raw_token_file(tok, tmp_path / "nan.safetensors")
+    assert main(["info", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert str(path) in err and "non-finite" in err

@@ -77,6 +77,48 @@ def output_path(folder, name: str, suffix: str = ".safetensors") -> Path:
     return path
 
 
+def safe_subfolder(root, rel) -> Path:
+    """The existing folder ``rel`` inside ``root`` (e.g. picked from a dropdown), resolved.
+
+    Raises ValueError for an empty or absolute ``rel``, any ``..`` component, a path that ends
+    up outside ``root`` once symlinks are followed, and a path that is not an existing folder.
+    """
+    rel = str(rel).strip()
+    if not rel:
+        raise ValueError(f"no folder chosen; pick a folder inside {root}")
+    if os.path.isabs(rel) or Path(rel).drive or rel.startswith(("/", "\\")):
+        raise ValueError(f"folder {rel!r} must be relative to {root}, not an absolute path")
+    # Both separators: a\..\b is refused on POSIX too (the folder may be used on Windows).
+    if ".." in rel.replace("\\", "/").split("/"):
+        raise ValueError(f"folder {rel!r} must not contain '..'; pick a folder inside {root}")
+    real_root = Path(os.path.realpath(root))
+    path = Path(os.path.realpath(real_root / rel))
+    if path == real_root:
+        raise ValueError(f"folder {rel!r} is {root} itself; pick a folder inside it")
+    if real_root not in path.parents:
+        raise ValueError(f"folder {rel!r} leads to {path}, outside {root} (through a symbolic link); "
+                         f"pick a folder inside {root}")
+    if not path.exists():
+        raise ValueError(f"folder {rel!r} does not exist in {root}")
+    if not path.is_dir():
+        raise ValueError(f"{rel!r} in {root} is a file, not a folder")
+    return path
+
+
+def numbered_run(folder, name: str) -> Path:
+    """The .safetensors path of a new run ``name`` in ``folder`` (checked by ``output_path``).
+
+    If any file of that run already exists (token file, .best, .ckpt.pt, .history.json), the
+    first ``name_001``, ``name_002``, ... whose four files are all free is used instead.
+    """
+    path = output_path(folder, name)
+    candidate, i = path, 0
+    while any(p.exists() for p in RunFiles.of(candidate).all()):
+        i += 1
+        candidate = path.with_name(f"{path.stem}_{i:03d}{path.suffix}")
+    return candidate
+
+
 def atomic_write_bytes(path, data: bytes) -> Path:
     """Write ``data`` to ``path`` through a temporary file in the same folder and a rename."""
     path = Path(path)

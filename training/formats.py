@@ -23,7 +23,7 @@ from safetensors.torch import save as safetensors_bytes
 
 from .checkpoint import atomic_write_bytes
 from .layouts import ARCH_FAMILY, MMDIT, N_BUCKETS, UNET, TokenLayout, default_blocks
-from .tokens import SoftTokens
+from .tokens import SoftTokens, check_finite
 
 FORMAT = "soft-tokens"
 FORMAT_VERSION = "1"
@@ -43,6 +43,7 @@ def save_tokens(tokens: SoftTokens, path, train_config: dict | None = None,
         raise ValueError(f"token files are .safetensors, got {path.name!r}")
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; choose another name or allow overwriting")
+    check_finite(tokens, f"refusing to write {path}")
     tensors = {"static": tokens.static.detach().to("cpu", torch.float32).contiguous()}
     if tokens.time is not None:
         tensors["time"] = tokens.time.detach().to("cpu", torch.float32).contiguous()
@@ -75,7 +76,9 @@ def read_safetensors(path) -> SoftTokens:
     extra = {k: v for k, v in meta.items() if k not in ("format", "format_version", "method", "arch", "layout")}
     if "static" not in tensors:
         raise ValueError(f"{path} has no 'static' tensor")
-    return SoftTokens(layout, tensors["static"], tensors.get("time"), meta=extra)
+    tokens = SoftTokens(layout, tensors["static"], tensors.get("time"), meta=extra)
+    check_finite(tokens, str(path))
+    return tokens
 
 
 def train_config_of(tokens: SoftTokens) -> dict | None:
@@ -191,7 +194,9 @@ def read_official(path, arch: str | None = None, blocks=None) -> SoftTokens:
     meta = {"source": f"official {method} release ({static_path.name}"
                       + (f" + {time_path.name})" if time_path else ")"),
             "blocks_choice": "user override" if blocks is not None else "release default"}
-    return SoftTokens(layout, static, time, meta=meta)
+    tokens = SoftTokens(layout, static, time, meta=meta)
+    check_finite(tokens, str(path))
+    return tokens
 
 
 def load_tokens(path, arch: str | None = None, blocks=None) -> SoftTokens:

@@ -67,6 +67,18 @@ class SoftTokens(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
+def check_finite(tokens: SoftTokens, name: str) -> None:
+    """Raise ValueError naming ``name`` if the static tokens or the time table hold NaN or inf."""
+    for what, tensor in (("static", tokens.static), ("time", tokens.time)):
+        if tensor is None:
+            continue
+        bad = int((~torch.isfinite(tensor.detach())).sum())
+        if bad:
+            raise ValueError(f"{name}: the '{what}' tensor holds {bad} non-finite value(s) (NaN or inf) of "
+                             f"{tensor.numel()}; these tokens would produce NaN images. Retrain, or use the "
+                             "run's .best.safetensors file or an earlier checkpoint.")
+
+
 def _param_dtype(module) -> torch.dtype:
     for p in module.parameters():
         return p.dtype
