@@ -22,13 +22,14 @@ batched CFG call, which removes the tokens from those rows exactly.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 
 import torch
 
 from ..training.layouts import MMDIT, UNET
-from ..training.tokens import SoftTokens
+from ..training.tokens import SoftTokens, check_finite
 
 APPLY_TO = ("both", "cond_only")
 _GROUP_OF_BLOCK = {"input": "down", "middle": "mid", "output": "up"}
@@ -68,6 +69,29 @@ class SoftTokenPatch(_Shared):
         self.pending = None  # (start, stop, expected key length, row bias) for the next attention
         self._device_tokens = {}
         self._cache_sigmas, self._cache = None, {}
+
+    @contextlib.contextmanager
+    def using(self, tokens: SoftTokens | None, set_index=0):
+        """Use other tokens of the same layout (None: pass-through) for the calls inside (training)."""
+        if tokens is not None and tokens.layout != self.layout:
+            raise ValueError(f"tokens ({tokens.layout.describe()}) do not match the installed layout "
+                             f"({self.layout.describe()})")
+        old = self.snapshot()
+        self.tokens, self.set_index = tokens, set_index
+        self._cache_sigmas, self._cache = None, {}
+        try:
+            yield
+        finally:
+            self.restore(old)
+
+    def snapshot(self) -> tuple:
+        """The state the hooks read (tokens, set index, token cache), e.g. for checkpoint recompute."""
+        return self.tokens, self.set_index, self._cache_sigmas, dict(self._cache)
+
+    def restore(self, state: tuple) -> None:
+        """Put back a ``snapshot()``."""
+        self.tokens, self.set_index, self._cache_sigmas, cache = state
+        self._cache = dict(cache)
 
     def _tokens_on(self, device) -> SoftTokens:
         if self.tokens.static.device == device:
@@ -111,7 +135,7 @@ class SoftTokenPatch(_Shared):
     # --- UNet ---------------------------------------------------------------------------
     def attn2(self, n, context, value, extra_options):
         group = _GROUP_OF_BLOCK.get((extra_options.get("block") or ("",))[0])
-        if group not in self.layout.blocks:
+        if self.tokens is None or group not in self.layout.blocks:
             return n, context, value
         tokens = self.layer_tokens(0, extra_options, context.shape[0], context)
         new_context = self.layout.insert(context, tokens)
@@ -128,6 +152,8 @@ class BlockPatch(_Shared):
 
     def __call__(self, args, extra):
         p = self.patch
+        if p.tokens is None:  # switched off for this call (training's plain-model passes)
+            return self.previous(args, extra) if self.previous is not None else extra["original_block"](args)
         txt, img = args["txt"], args["img"]
         to = args["transformer_options"]
         tokens = p.layer_tokens(self.layer, to, txt.shape[0], txt)
@@ -201,12 +227,26 @@ def apply_soft_tokens(model, tokens: SoftTokens, strength: float = 1.0, apply_to
         raise ValueError(f"apply_to must be one of {APPLY_TO}, got {apply_to!r}")
     if not (strength >= 0 and math.isfinite(strength)):
         raise ValueError(f"strength must be a finite number >= 0, got {strength}")
-    facts = model_facts(model)
-    tokens.layout.check_model(facts["family"], facts["text_width"], facts.get("n_blocks"),
-                              facts.get("embed_width"), name=name)
+    check_fits(model, tokens, name)
     m = model.clone()
     if strength == 0:
         return m  # no insertion at all: bit-identical to the unpatched model
+    install_soft_tokens(m, tokens, strength, apply_to)
+    return m
+
+
+def check_fits(model, tokens: SoftTokens, name: str = "soft tokens") -> dict:
+    """Raise ValueError naming both sides when the tokens do not fit the model (or are not finite);
+    returns model_facts."""
+    check_finite(tokens, name)
+    facts = model_facts(model)
+    tokens.layout.check_model(facts["family"], facts["text_width"], facts.get("n_blocks"),
+                              facts.get("embed_width"), name=name)
+    return facts
+
+
+def install_soft_tokens(m, tokens: SoftTokens, strength: float = 1.0, apply_to: str = "both") -> SoftTokenPatch:
+    """Install the soft-token patch on the ModelPatcher ``m`` itself (callers pass a clone)."""
     existing = _existing_soft_patches(m)
     needs_bias = strength != 1.0 or apply_to != "both"
     if existing and (needs_bias or any(p.needs_bias for p in existing)):
@@ -215,7 +255,7 @@ def apply_soft_tokens(model, tokens: SoftTokens, strength: float = 1.0, apply_to
     dm = m.model.diffusion_model
     project = dm.context_embedder if tokens.layout.projected else None
     patch = SoftTokenPatch(tokens, m.get_model_object("model_sampling"), strength, apply_to, project)
-    if facts["family"] == UNET:
+    if tokens.layout.family == UNET:
         m.set_model_attn2_patch(patch.attn2)
     else:
         replaces = m.model_options.get("transformer_options", {}).get("patches_replace", {}).get("dit", {})
@@ -225,4 +265,9 @@ def apply_soft_tokens(model, tokens: SoftTokens, strength: float = 1.0, apply_to
     if needs_bias:
         to = m.model_options.setdefault("transformer_options", {})
         to[_OVERRIDE_KEY] = AttentionBias(patch, to.get(_OVERRIDE_KEY))
-    return m
+    return patch
+
+
+def has_soft_tokens(model) -> bool:
+    """True when the ModelPatcher already carries a soft-token patch."""
+    return bool(_existing_soft_patches(model))

@@ -20,6 +20,12 @@ Tiny models (seeded random weights, N(0, 1/fan_in), zero biases, unit norms; not
 * ``tiny_sd3(seed, depth, num_blocks)`` - ``comfy.supported_models.SD3`` MMDiT
   (hidden = 64*depth, heads = depth, ``num_blocks`` joint blocks), context 4096,
   pooled 2048, flow model (shift 3).
+* ``tiny_clip_sd15`` / ``tiny_clip_sd3`` - ``comfy.sd.CLIP`` with ComfyUI's shipped tokenizers and
+  shrunken CLIP-L (/-G, optional T5) text models (fp16, as ComfyUI loads text encoders).
+* ``tiny_vae(seed, latent_channels, kind)`` - ``comfy.sd.VAE``: tiny AutoencoderKL ("kl") or TAESD, /8.
+* ``tiny_checkpoint(family, seed, inference, loadable)`` - consistent (MODEL, CLIP, VAE) for "sd15"/"sd3",
+  built under ``torch.inference_mode()`` by default; ``save_tiny_checkpoint(path, family, seed)`` writes
+  a single-file checkpoint that ``comfy.sd.load_checkpoint_guess_config`` detects and loads.
 
 Forward equivalence with diffusers (fp32, same weights, see tests/integration):
 
@@ -34,6 +40,7 @@ Forward equivalence with diffusers (fp32, same weights, see tests/integration):
   ``t = sigma * 1000`` (no input scaling for flow models).
 """
 import atexit
+import functools
 import json
 import os
 import shutil
@@ -205,6 +212,227 @@ def tiny_sd3(seed=0, depth=2, num_blocks=2, context_dim=4096, adm_in_channels=20
 def _base_model(model):
     """BaseModel from a ModelPatcher or BaseModel."""
     return model if hasattr(model, "diffusion_model") else model.model
+
+
+# ---------------------------------------------------------------- tiny text encoders, VAEs, checkpoints
+
+# SD1.5 checkpoint detection (comfy.model_detection + supported_models.SD15) needs model_channels 320,
+# context_dim 768 and at least one input-level transformer; this is the smallest such UNet (13.6M params).
+TINY_SD15_LOADABLE_UNET = dict(TINY_SD15_UNET, model_channels=320, channel_mult=[1], num_res_blocks=[1],
+                               transformer_depth=[1], transformer_depth_output=[0, 0], transformer_depth_middle=-2)
+# What comfy.sd.CLIP builds for a checkpoint's CLIP-L (comfy/sd1_clip_config.json); the loader has no way
+# to read a smaller text-encoder config from a checkpoint file, so loadable checkpoints carry a full CLIP-L.
+FULL_CLIP_L = {"hidden": 768, "layers": 12, "heads": 12, "intermediate": 3072}
+# nodes.VAELoader's values for taesd / taesd3 (TAESD works in the model's scaled latent space).
+TAESD_SCALE_SHIFT = {4: (0.18215, 0.0), 16: (1.5305, 0.0609)}
+
+
+def _clip_config(hidden, layers, heads, intermediate):
+    """Overrides for a CLIP text-model JSON config, passed as model_options["clip_<x>_model_config"]."""
+    if hidden % heads:
+        raise ValueError("hidden size {} is not divisible by {} heads".format(hidden, heads))
+    return {"hidden_size": hidden, "num_hidden_layers": layers, "num_attention_heads": heads,
+            "intermediate_size": intermediate or 2 * hidden}
+
+
+def _tiny_clip(target, model_options, seed, inference):
+    """comfy.sd.CLIP(target, model_options) built under inference mode (or not), seeded in place."""
+    import comfy.sd
+    with torch.inference_mode(inference):
+        clip = comfy.sd.CLIP(target, model_options=model_options)
+        init_weights(clip.cond_stage_model, seed)
+    return clip
+
+
+def tiny_clip_sd15(seed=0, width=768, layers=2, heads=2, intermediate=None, inference=True):
+    """comfy.sd.CLIP for SD1.x: sd1_clip.SD1Tokenizer (the tokenizer shipped in ComfyUI) + SD1ClipModel
+    whose CLIP-L text transformer is shrunk through model_options["clip_l_model_config"] (the
+    te_model_options hook ComfyUI's loaders pass on): `layers` layers, `heads` heads, hidden `width`,
+    MLP `intermediate` (default 2*width). Weights fp16 (ComfyUI's text-encoder dtype, also on CPU),
+    seeded like init_weights.
+
+    CLIPTextEncode gives cond (1, 77, width) (+ pooled_output (1, width), unused by SD1.5). The
+    49408-token embedding dominates the size: width 768 -> 48M params (96 MB fp16).
+    inference=True builds it under torch.inference_mode() like a loader node in a graph.
+    """
+    _require()
+    import comfy.sd1_clip
+    import comfy.supported_models_base
+    target = comfy.supported_models_base.ClipTarget(comfy.sd1_clip.SD1Tokenizer, comfy.sd1_clip.SD1ClipModel)
+    options = {"clip_l_model_config": _clip_config(width, layers, heads, intermediate)}
+    return _tiny_clip(target, options, seed, inference)
+
+
+def tiny_clip_sd3(seed=0, hidden_l=768, hidden_g=1280, layers=3, heads=2, intermediate=None, t5=False,
+                  t5_layers=1, inference=True):
+    """comfy.sd.CLIP for SD3 (text_encoders.sd3_clip.SD3Tokenizer + sd3_clip(...)) with shrunken CLIP-L/-G
+    (and optionally T5-XXL) via model_options["clip_l_model_config"/"clip_g_model_config"/"t5xxl_model_config"].
+
+    Each CLIP has `layers` layers (>= 3: SD3 reads the penultimate layer and ComfyUI asserts
+    |layer_idx| < layers), `heads` heads, MLP `intermediate` (default 2*hidden). hidden_l/hidden_g None
+    leaves that encoder out (ComfyUI then uses zeros: pooled 768 / 1280 zeros, G pads 768 on the left).
+    CLIPTextEncode gives, like ComfyUI's SD3 pipeline: cond (1, 77, 4096) = [L | G | zero pad] and
+    pooled_output (1, hidden_l + hidden_g) = [L pooled | G projected pooled]; the defaults give the real
+    SD3 widths (768 + 1280 = 2048 = tiny_sd3's adm). The 49408-token embeddings cost 49408 * 2048 params
+    for any L+G split with pooled 2048 (101M; 157M params in all with the defaults, 314 MB fp16).
+    t5=True adds a T5-XXL with real d_model 4096 (it is concatenated to the CLIP tokens) but `t5_layers`
+    layers, 2 heads of 32 and d_ff 64: cond (1, 77 + 77, 4096); +132M params (32128 x 4096 embedding).
+    """
+    _require()
+    import comfy.supported_models_base
+    import comfy.text_encoders.sd3_clip as sd3_clip
+    options = {}
+    if hidden_l:
+        options["clip_l_model_config"] = _clip_config(hidden_l, layers, heads, intermediate)
+    if hidden_g:
+        options["clip_g_model_config"] = _clip_config(hidden_g, layers, heads, intermediate)
+    if t5:
+        options["t5xxl_model_config"] = {"num_layers": t5_layers, "num_heads": 2, "d_kv": 32, "d_ff": 64}
+    target = comfy.supported_models_base.ClipTarget(
+        sd3_clip.SD3Tokenizer, sd3_clip.sd3_clip(clip_l=bool(hidden_l), clip_g=bool(hidden_g), t5=t5))
+    return _tiny_clip(target, options, seed, inference)
+
+
+def tiny_vae_config(latent_channels=4, ch=32, ch_mult=(1, 2, 2, 2), num_res_blocks=1):
+    """`config` for comfy.sd.VAE(sd, config=...): an AutoencoderKL (SD-VAE architecture, mid-block attention)."""
+    if len(ch_mult) != 4:
+        raise ValueError("comfy.sd.VAE assumes a downscale of 8 for config-built VAEs: ch_mult needs 4 levels")
+    ddconfig = {"double_z": True, "z_channels": latent_channels, "resolution": 256, "in_channels": 3, "out_ch": 3,
+                "ch": ch, "ch_mult": list(ch_mult), "num_res_blocks": num_res_blocks, "attn_resolutions": [],
+                "dropout": 0.0}
+    return {"params": {"ddconfig": ddconfig, "embed_dim": latent_channels}}
+
+
+def tiny_vae_state_dict(seed=0, latent_channels=4, kind="kl", **config_kwargs):
+    """Seeded state dict for tiny_vae: kind "kl" (config from tiny_vae_config) or "taesd" (TAESD keys, what
+    ComfyUI's checkpoint detection recognises; vae_scale/vae_shift as nodes.VAELoader sets them)."""
+    _require()
+    if kind not in ("kl", "taesd"):
+        raise ValueError("kind must be 'kl' or 'taesd'")
+    with torch.inference_mode(False):  # a throwaway module, also when called inside a ComfyUI graph
+        if kind == "kl":
+            from comfy.ldm.models.autoencoder import AutoencoderKL
+            net = AutoencoderKL(**tiny_vae_config(latent_channels, **config_kwargs)["params"])
+        else:
+            import comfy.taesd.taesd
+            net = comfy.taesd.taesd.TAESD(latent_channels=latent_channels)
+        init_weights(net, seed)
+        sd = net.state_dict()
+    if kind == "taesd":
+        scale, shift = TAESD_SCALE_SHIFT[latent_channels]
+        sd["vae_scale"], sd["vae_shift"] = torch.tensor(scale), torch.tensor(shift)
+    return sd
+
+
+def tiny_vae(seed=0, latent_channels=4, kind="kl", inference=True, **config_kwargs):
+    """comfy.sd.VAE built by ComfyUI's constructor from a seeded state dict (+ config for "kl").
+
+    kind "kl": AutoencoderKL with ch 32, ch_mult (1, 2, 2, 2), 1 res block/level (~1.3M params),
+    downscale 8 (64 px -> 8x8 latent), latent_channels 4 (SD1.5) or 16 (SD3); VAEEncode returns the
+    posterior mode (deterministic). kind "taesd": comfy.taesd.taesd.TAESD (64 channels, ~2.4M params,
+    downscale 8), detected from the state dict alone (what tiny checkpoint files carry).
+    """
+    _require()
+    import comfy.sd
+    sd = tiny_vae_state_dict(seed, latent_channels, kind, **config_kwargs)
+    config = tiny_vae_config(latent_channels, **config_kwargs) if kind == "kl" else None
+    with torch.inference_mode(inference):
+        vae = comfy.sd.VAE(sd=sd, config=config)
+    # comfy.sd.VAE's config branch keeps its 4-channel default here (tiled encoding allocates with it).
+    vae.latent_channels = latent_channels
+    return vae
+
+
+FAMILIES = ("sd15", "sd3")
+
+
+def tiny_checkpoint(family="sd15", seed=0, inference=True, loadable=False):
+    """(MODEL ModelPatcher, CLIP, VAE) for `family` "sd15" or "sd3", all from `seed`, consistent widths.
+
+    sd15: tiny_sd15 (context 768) + tiny_clip_sd15 (cond (1, 77, 768)) + tiny_vae(4 channels).
+    sd3:  tiny_sd3 (context 4096, adm 2048) + tiny_clip_sd3 (cond (1, 77, 4096), pooled (1, 2048))
+          + tiny_vae(16 channels).
+    loadable=True: the smallest configuration ComfyUI's checkpoint loader detects, built by
+    comfy.sd.load_state_dict_guess_config from tiny_checkpoint_state_dict (what save_tiny_checkpoint
+    writes, so the file loads back identical): UNet/MMDiT as in tiny_checkpoint_state_dict, full CLIP-L,
+    TAESD VAE.
+    inference=True builds everything under torch.inference_mode() (inference-tensor weights, as
+    a loader node in a ComfyUI graph produces).
+    """
+    _require()
+    if family not in FAMILIES:
+        raise ValueError("family must be one of {}".format(FAMILIES))
+    if loadable:
+        import comfy.sd
+        sd = tiny_checkpoint_state_dict(family, seed)
+        with torch.inference_mode(inference):
+            return tuple(comfy.sd.load_state_dict_guess_config(sd, output_vae=True, output_clip=True)[:3])
+    with torch.inference_mode(inference):
+        model = tiny_sd15(seed) if family == "sd15" else tiny_sd3(seed)
+    clip = tiny_clip_sd15(seed, inference=inference) if family == "sd15" else tiny_clip_sd3(seed, inference=inference)
+    vae = tiny_vae(seed, latent_channels=_base_model(model).latent_format.latent_channels, inference=inference)
+    return model, clip, vae
+
+
+def _loadable_model(family, seed):
+    import comfy.supported_models
+    if family == "sd3":
+        return tiny_sd3(seed)  # depth == num_blocks: detected as SD3 (hidden 128, 2 joint blocks)
+    model_config = comfy.supported_models.SD15(dict(TINY_SD15_LOADABLE_UNET))  # num_heads 8, as the loader
+    model_config.set_inference_dtype(torch.float32, None)
+    model = model_config.get_model({})
+    init_weights(model.diffusion_model, seed)
+    return _patcher(model.eval())
+
+
+def tiny_checkpoint_state_dict(family="sd15", seed=0, dtype=torch.float16):
+    """Single-file checkpoint state dict (LDM keys, `dtype`) that ComfyUI's checkpoint loader detects.
+
+    A new dict each call, but its tensors are cached (the last 2 (family, seed, dtype)) and shared:
+    never modify them in place.
+
+    Keys via ComfyUI's own saving path (BaseModel.state_dict_for_saving, as comfy.sd.save_checkpoint):
+    model.diffusion_model.* + first_stage_model.* (TAESD) + cond_stage_model.* (sd15) /
+    text_encoders.clip_l.* (sd3). Contents:
+      sd15: SD1.5 UNet with model_channels 320 (detection requires it), one level, 1 res block + 1
+            transformer, no middle block, 2 plain output res blocks (13.6M params); full 12-layer CLIP-L.
+      sd3:  tiny_sd3 MMDiT (depth 2 == num_blocks: hidden 128, 1.9M params); full CLIP-L only
+            (no CLIP-G / T5: ComfyUI fills their part with zeros; pooled = [L pooled | 1280 zeros]).
+    Both: TAESD VAE (2.4M params). 139M (sd15) / 128M (sd3) params, dominated by CLIP-L (123M): the
+    checkpoint loader builds text encoders from ComfyUI's JSON configs (CLIP-G would add 695M), and a
+    shrunken CLIP loads only if the caller passes te_model_options={"clip_l_model_config": {...}}.
+    """
+    _require()
+    if family not in FAMILIES:
+        raise ValueError("family must be one of {}".format(FAMILIES))
+    return dict(_checkpoint_state_dict(family, seed, dtype))
+
+
+@functools.lru_cache(maxsize=2)
+def _checkpoint_state_dict(family, seed, dtype):
+    with torch.inference_mode(False):
+        model = _loadable_model(family, seed)
+        if family == "sd15":
+            clip = tiny_clip_sd15(seed, width=FULL_CLIP_L["hidden"], layers=FULL_CLIP_L["layers"],
+                                  heads=FULL_CLIP_L["heads"], intermediate=FULL_CLIP_L["intermediate"], inference=False)
+        else:
+            clip = tiny_clip_sd3(seed, hidden_l=FULL_CLIP_L["hidden"], hidden_g=None, layers=FULL_CLIP_L["layers"],
+                                 heads=FULL_CLIP_L["heads"], intermediate=FULL_CLIP_L["intermediate"], inference=False)
+        vae_sd = tiny_vae_state_dict(seed, _base_model(model).latent_format.latent_channels, kind="taesd")
+        sd = model.model.state_dict_for_saving(clip.get_sd(), vae_sd)
+    return {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in sd.items()}
+
+
+def save_tiny_checkpoint(path, family="sd15", seed=0, dtype=torch.float16):
+    """Write tiny_checkpoint_state_dict(family, seed, dtype) as one .safetensors file (comfy.utils.save_torch_file).
+
+    comfy.sd.load_checkpoint_guess_config(path) (CheckpointLoaderSimple) returns models identical to
+    tiny_checkpoint(family, seed, loadable=True). fp16: 278 MB (sd15) / 256 MB (sd3). Returns path.
+    """
+    _require()
+    import comfy.utils
+    comfy.utils.save_torch_file(tiny_checkpoint_state_dict(family, seed, dtype), path)
+    return path
 
 
 # ---------------------------------------------------------------- sampling

@@ -80,6 +80,13 @@ def test_mismatched_tokens_fail_before_sampling(comfy, pack):
         pack["patch"].apply_soft_tokens(comfy.tiny_sd3(seed=0), tok)
 
 
+def test_nan_tokens_are_refused(comfy, pack, sd15):
+    tok = random_tokens(pack, "sd15", 768, 768, ("down",))
+    tok.static.data[0, 0, 1, 5] = float("nan")
+    with pytest.raises(ValueError, match="token file 'bad'.*'static' tensor holds 1 non-finite"):
+        pack["patch"].apply_soft_tokens(sd15, tok, name="token file 'bad'")
+
+
 # --- strength and apply-to ---------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

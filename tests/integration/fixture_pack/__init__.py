@@ -37,4 +37,20 @@ class RandomConditioning:
         return ([[torch.randn(1, length, width, generator=g), {}]],)
 
 
-NODE_CLASS_MAPPINGS = {"SoftTokensTestTinySD15": TinySD15, "SoftTokensTestConditioning": RandomConditioning}
+class TinyCheckpoint:
+    """(MODEL, CLIP, VAE) from comfy_env.tiny_checkpoint: tiny random SD1.5 or SD3 built through ComfyUI's classes."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"family": (list(comfy_env.FAMILIES),), "seed": ("INT", {"default": 0})}}
+
+    RETURN_TYPES = ("MODEL", "CLIP", "VAE")
+    FUNCTION = "load"
+    CATEGORY = "_for_testing/soft tokens"
+
+    def load(self, family, seed):
+        return comfy_env.tiny_checkpoint(family, seed=seed)
+
+
+NODE_CLASS_MAPPINGS = {"SoftTokensTestTinySD15": TinySD15, "SoftTokensTestConditioning": RandomConditioning,
+                       "SoftTokensTestTinyCheckpoint": TinyCheckpoint}
