@@ -4,8 +4,9 @@ from comfy_api.latest import ComfyExtension, io
 
 from .loader_nodes import ApplySoftTokens, LoadSoftTokens
 from .paths import register_folder
+from .train_nodes import NODES as TRAIN_NODES
 
-NODES = [LoadSoftTokens, ApplySoftTokens]
+NODES = [LoadSoftTokens, ApplySoftTokens, *TRAIN_NODES]
 
 
 class SoftTokensExtension(ComfyExtension):

@@ -14,7 +14,7 @@ EXTENSIONS = {".safetensors"}
 
 def register_folder() -> None:
     """Add models/soft_tokens, keeping any paths the user set in extra_model_paths.yaml."""
-    default = os.path.join(folder_paths.models_dir, FOLDER)
+    default = token_folder()
     os.makedirs(default, exist_ok=True)
     if FOLDER in folder_paths.folder_names_and_paths:
         paths, exts = folder_paths.folder_names_and_paths[FOLDER]
@@ -23,6 +23,23 @@ def register_folder() -> None:
         folder_paths.folder_names_and_paths[FOLDER] = (paths, set(exts) | EXTENSIONS)
     else:
         folder_paths.folder_names_and_paths[FOLDER] = ([default], set(EXTENSIONS))
+
+
+def token_folder() -> str:
+    """models/soft_tokens: where trainers and Save Soft Tokens write."""
+    return os.path.join(folder_paths.models_dir, FOLDER)
+
+
+def list_checkpoints() -> list[str]:
+    """Training checkpoints (*.ckpt.pt) in the soft_tokens folders, for resuming."""
+    found = set()
+    for root in folder_paths.get_folder_paths(FOLDER):
+        for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            rel = os.path.relpath(dirpath, root)
+            found.update(os.path.normpath(os.path.join(rel, f)).replace(os.sep, "/")
+                         for f in filenames if f.endswith(".ckpt.pt") and not f.startswith("."))
+    return sorted(found)
 
 
 def list_token_files() -> list[str]:

@@ -74,6 +74,74 @@ def txt2img(ckpt, token_file, prompt, width, height, steps, cfg, sampler, schedu
     return g.to_json()
 
 
+TRAIN_NOTE = """Train soft tokens for the checkpoint you use, then sample with them.
+
+1. Put the checkpoint into models/checkpoints (here v1-5-pruned-emaonly.safetensors).
+2. Put a folder of images with same-name .txt captions into ComfyUI/input (here input/my_dataset;
+   kohya "10_name" repeat folders and a .jsonl manifest work too) and pick it in Load Captioned Images.
+3. Queue. Encode Soft-Token Dataset encodes every image once (cached on disk). Train Soft Tokens shows a
+   live plot of the loss and the validation alignment score; Cancel keeps a usable partial result.
+4. The run's files appear in models/soft_tokens: my_tokens.safetensors (final), .best.safetensors (best
+   validation score), .ckpt.pt (pick it under "resume" to continue) and .history.json. Save Soft Tokens
+   writes a named copy. The sampler on the right already uses the fresh tokens.
+
+Start small: 200-500 steps on 100+ images. Lower "chunk" if you run out of memory."""
+
+
+def note(g, pos, text, size=(420, 330)):
+    return g.node("Note", pos, [text], size=size)
+
+
+def train_sd15():
+    g = Graph()
+    note(g, (20, 560), TRAIN_NOTE, size=(560, 330))
+    ckpt = g.node("CheckpointLoaderSimple", (20, 40), ["v1-5-pruned-emaonly.safetensors"],
+                  outputs=[("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")], size=(320, 100))
+    images = g.node("LoadCaptionedImages", (20, 200), ["my_dataset", 512, "random"],
+                    outputs=[("images", "CAPTIONED_IMAGES")], size=(320, 130))
+    enc = g.node("EncodeSoftTokenDataset", (20, 380), inputs=[("images", "CAPTIONED_IMAGES"), ("clip", "CLIP"),
+                                                              ("vae", "VAE")],
+                 outputs=[("dataset", "SOFT_TOKEN_DATASET")], size=(320, 110))
+    g.link(images, 0, enc, "images")
+    g.link(ckpt, 1, enc, "clip")
+    g.link(ckpt, 2, enc, "vae")
+    train = g.node("TrainSoftTokens", (400, 40),
+                   ["softrepa", 500, 4, 0, 0.001, 4, "", "official", "official", 0.07, 4.0, 1.0, -1.0, 0.9999, 42,
+                    "auto", False, 0.1, 100, 100, "my_tokens", "none"],
+                   inputs=[("model", "MODEL"), ("dataset", "SOFT_TOKEN_DATASET")],
+                   outputs=[("MODEL", "MODEL"), ("soft_tokens", "SOFT_TOKENS"), ("history", "LOSS_MAP")],
+                   size=(360, 700))
+    g.link(ckpt, 0, train, "model")
+    g.link(enc, 0, train, "dataset")
+    save = g.node("SaveSoftTokens", (820, 40), ["my_tokens_final"], inputs=[("soft_tokens", "SOFT_TOKENS")],
+                  size=(320, 100))
+    g.link(train, 1, save, "soft_tokens")
+    plot = g.node("PlotSoftTokenTraining", (820, 190), inputs=[("history", "LOSS_MAP")],
+                  outputs=[("IMAGE", "IMAGE")], size=(320, 300))
+    g.link(train, 2, plot, "history")
+    pos = g.node("CLIPTextEncode", (820, 540), ["three red apples and a blue cup on a wooden table"],
+                 inputs=[("clip", "CLIP")], outputs=[("CONDITIONING", "CONDITIONING")], size=(320, 130))
+    neg = g.node("CLIPTextEncode", (820, 720), [""], inputs=[("clip", "CLIP")],
+                 outputs=[("CONDITIONING", "CONDITIONING")], size=(320, 130))
+    g.link(ckpt, 1, pos, "clip")
+    g.link(ckpt, 1, neg, "clip")
+    latent = g.node("EmptyLatentImage", (1200, 540), [512, 512, 1], outputs=[("LATENT", "LATENT")], size=(320, 110))
+    ks = g.node("KSampler", (1200, 40), [0, "fixed", 30, 7.0, "ddim", "ddim_uniform", 1.0],
+                inputs=[("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
+                        ("latent_image", "LATENT")], outputs=[("LATENT", "LATENT")], size=(320, 270))
+    g.link(train, 0, ks, "model")
+    g.link(pos, 0, ks, "positive")
+    g.link(neg, 0, ks, "negative")
+    g.link(latent, 0, ks, "latent_image")
+    dec = g.node("VAEDecode", (1200, 360), inputs=[("samples", "LATENT"), ("vae", "VAE")],
+                 outputs=[("IMAGE", "IMAGE")], size=(220, 50))
+    g.link(ks, 0, dec, "samples")
+    g.link(ckpt, 2, dec, "vae")
+    out = g.node("SaveImage", (1580, 40), ["soft_tokens_trained"], inputs=[("images", "IMAGE")], size=(400, 420))
+    g.link(dec, 0, out, "images")
+    return g.to_json()
+
+
 WORKFLOWS = {
     "soft_tokens_sd15": txt2img("v1-5-pruned-emaonly.safetensors", "softrepa-sd1.5/",
                                 "three red apples and a blue cup on a wooden table", 512, 512, 30, 7.0,
@@ -84,6 +152,7 @@ WORKFLOWS = {
     "soft_tokens_sd3": txt2img("sd3_medium_incl_clips_t5xxlfp16.safetensors", "softrepa-sd3/",
                                "two dogs and one yellow ball on the grass", 1024, 1024, 28, 4.0,
                                "euler", "sgm_uniform", sd3=True),
+    "soft_tokens_train_sd15": train_sd15(),
 }
 
 if __name__ == "__main__":

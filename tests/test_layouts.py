@@ -102,3 +102,13 @@ def test_check_model_names_both_sides():
     with pytest.raises(ValueError, match="only 1 joint blocks"):
         mmdit_layout().check_model("mmdit", 8, n_blocks=1)
     mmdit_layout().check_model("mmdit", 8, n_blocks=2)
+
+
+def test_official_time_table_choice():
+    from training.layouts import uses_time_table
+
+    assert uses_time_table("sd15", "softrepa") and uses_time_table("sd3", "softrepa")
+    assert not uses_time_table("sdxl", "softrepa") and uses_time_table("sdxl", "agsm")
+    assert uses_time_table("sdxl", "softrepa", "on") and not uses_time_table("sd15", "agsm", "off")
+    with pytest.raises(ValueError, match="official, on or off"):
+        uses_time_table("sd15", "softrepa", "sometimes")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from .demo.cli import add_parser as demo_parser
 from .formats import load_tokens, save_tokens, train_config_of
-from .layouts import ARCH_FAMILY, TokenLayout, default_blocks, parse_blocks
+from .layouts import ARCH_FAMILY, TIME_TABLE_CHOICES, TokenLayout, default_blocks, parse_blocks, uses_time_table
 
 
 def cmd_convert(args) -> int:
@@ -78,8 +78,10 @@ DTYPES = ("fp32", "fp16", "bf16")
 def add_train_parsers(sub) -> None:
     """Register the ``train`` and ``score`` subcommands."""
     t = sub.add_parser("train", help="train soft tokens (SoftREPA or AGSM) on a local diffusers model")
-    t.add_argument("--backend", choices=["diffusers"], default="diffusers", help="model backend (default diffusers)")
-    t.add_argument("--model", required=True, help="local diffusers pipeline folder (denoiser, text encoders, VAE)")
+    t.add_argument("--backend", choices=["auto", "comfy", "diffusers"], default="auto",
+                   help="auto (default): with --ckpt, ComfyUI's loader and the Train node's code when ComfyUI is "
+                        "found (COMFYUI_PATH, or this pack in ComfyUI/custom_nodes), else diffusers")
+    _add_source_args(t, "local diffusers pipeline folder (denoiser, text encoders, VAE)")
     t.add_argument("--data", required=True, help="folder of images + .txt captions, a .jsonl manifest or a COCO captions .json")
     t.add_argument("--method", required=True, choices=["softrepa", "agsm"])
     t.add_argument("--out", required=True, help="output token file (.safetensors); checkpoint, best tokens and "
@@ -90,7 +92,7 @@ def add_train_parsers(sub) -> None:
     t.add_argument("--blocks", help="UNet block groups ('down', 'down,mid') or SD3 joint blocks ('0-4'); "
                                     "default: the official choice")
     t.add_argument("--layers", type=int, default=5, help="SD3: token layers on the first L joint blocks (default 5)")
-    t.add_argument("--time", choices=["official", "on", "off"], default="official",
+    t.add_argument("--time", choices=TIME_TABLE_CHOICES, default="official",
                    help="time-dependent token table (official: off for SoftREPA SDXL, on otherwise)")
     t.add_argument("--lr", type=float, help="AdamW learning rate (default 1e-3)")
     t.add_argument("--chunk", type=int, help="pairs per denoiser call (memory only; default all B*B)")
@@ -117,7 +119,7 @@ def add_train_parsers(sub) -> None:
     t.set_defaults(fn=cmd_train)
 
     s = sub.add_parser("score", help="alignment score (diffusion-classifier accuracy) with and without tokens")
-    s.add_argument("--model", required=True, help="local diffusers pipeline folder")
+    _add_source_args(s, "local diffusers pipeline folder")
     s.add_argument("--data", required=True, help="held-out dataset (first caption of each image is used)")
     s.add_argument("--tokens", help="token file; without it only the plain model is scored")
     s.add_argument("--limit", type=int, default=50, help="image-caption pairs to score (default 50)")
@@ -128,6 +130,15 @@ def add_train_parsers(sub) -> None:
     s.add_argument("--json", action="store_true", help="print the result as JSON")
     _add_model_args(s)
     s.set_defaults(fn=cmd_score)
+
+
+def _add_source_args(p, model_help: str) -> None:
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--model", help=model_help)
+    g.add_argument("--ckpt", help="single-file checkpoint (.safetensors with original key names, as in ComfyUI's "
+                                  "models/checkpoints): SD1.5, SDXL or SD3")
+    p.add_argument("--config", help="with --ckpt: local diffusers pipeline folder of that model, for its configs and "
+                                    "tokenizers (default: the shipped configs, which hold no tokenizer vocabularies)")
 
 
 def _add_model_args(p) -> None:
@@ -183,6 +194,40 @@ def _pipeline_arch(model: Path) -> str:
     return detect_arch(json.loads(index.read_text(encoding="utf-8")), model)
 
 
+def _source(args) -> Path:
+    """The --model folder or the --ckpt file, checked to exist (and --config, which needs --ckpt)."""
+    if args.ckpt:
+        if args.config:
+            _existing(args.config, "config folder")
+        return _existing(args.ckpt, "checkpoint")
+    if args.config:
+        raise ValueError("--config only applies to --ckpt (a single-file checkpoint)")
+    return _existing(args.model, "model folder")
+
+
+def _source_arch(args, source: Path) -> str:
+    """sd15 / sdxl / sd3 of the --model pipeline (model_index.json) or the --ckpt file (its header); no weights."""
+    if args.ckpt:
+        from .single_file import detect_checkpoint_arch
+
+        return detect_checkpoint_arch(source)
+    return _pipeline_arch(source)
+
+
+def _load(args):
+    """(backend, encoders) of --model or --ckpt."""
+    if args.ckpt:
+        backend, encoders, _ = _load_ckpt(args)
+        return backend, encoders
+    return _load_model(args, Path(args.model))
+
+
+def _dtype(args):
+    import torch
+
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+
+
 def _device(args):
     import torch
 
@@ -191,13 +236,11 @@ def _device(args):
 
 def _load_model(args, model: Path):
     """(backend, encoders) for a local pipeline folder."""
-    import torch
-
     from .diffusers_backend import DiffusersBackend, load_denoiser, schedule_from_folder
     from .diffusers_hooks import model_family
     from .encoders import Encoders
 
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    dtype = _dtype(args)
     device = _device(args)
     denoiser = load_denoiser(model, dtype=dtype).to(device)
     kwargs = {}
@@ -207,6 +250,18 @@ def _load_model(args, model: Path):
                                gradient_checkpointing=getattr(args, "grad_checkpointing", False), **kwargs)
     encoders = Encoders.from_pipeline(model, device=device, dtype=dtype, image_size=args.size)
     return backend, encoders
+
+
+def _load_ckpt(args):
+    """(backend, encoders, arch) for a single-file checkpoint (--ckpt, optional --config).
+
+    Without ComfyUI: diffusers' single-file conversion with local configs (training/single_file.py).
+    """
+    from .single_file import load_single_file
+
+    return load_single_file(args.ckpt, config=args.config, device=_device(args), dtype=_dtype(args),
+                            image_size=args.size, gradient_checkpointing=getattr(args, "grad_checkpointing", False),
+                            autocast_dtype=None if args.dtype == "fp32" else args.dtype)
 
 
 def _pairs(cache, dataset, limit: int):
@@ -222,8 +277,10 @@ def _pairs(cache, dataset, limit: int):
 def cmd_train(args) -> int:
     from .checkpoint import RunFiles
 
+    if _use_comfy(args):
+        return _train_with_comfy(args)
     files = RunFiles.of(args.out)
-    model = _existing(args.model, "model folder")
+    source = _source(args)
     data = _existing(args.data, "dataset")
     if args.val_data:
         _existing(args.val_data, "validation dataset")
@@ -231,7 +288,7 @@ def cmd_train(args) -> int:
         _existing(args.resume, "checkpoint")
     else:
         files.check_new(args.overwrite)
-    arch = _pipeline_arch(model)
+    arch = _source_arch(args, source)
     cfg, state = _train_config(args)
     cfg.check()
     if state is None:  # check the token layout choices now (widths are known once the model is loaded)
@@ -253,12 +310,12 @@ def cmd_train(args) -> int:
                          f"alignment score); got {min(val_ds.n_images, args.val_limit)}. Raise --val-fraction "
                          "or --val-limit, or pass --val-data")
 
-    backend, encoders = _load_model(args, model)
+    backend, encoders = _load(args)
     if state is not None:
         layout = TokenLayout.from_json(state["layout"])
     else:
         info = describe_model(backend.denoiser)
-        time_on = args.time == "on" or (args.time == "official" and not (arch == "sdxl" and args.method == "softrepa"))
+        time_on = uses_time_table(arch, args.method, args.time)
         layout = TokenLayout(arch=arch, method=args.method, n_tokens=args.tokens, width=info["text_width"],
                              text_width=info["text_width"], blocks=tuple(blocks), time_buckets=100 if time_on else 0)
     cache = EncodeCache(encoders, root=args.cache)
@@ -269,12 +326,16 @@ def cmd_train(args) -> int:
         val = _pairs(cache, val_ds, args.val_limit)
         print(f"validation: {val[0].shape[0]} held-out pairs")
     init = bos_init(encoders.encode_text([""])["context"]) if arch == "sd15" else None
-    meta = {"model": str(model), "data": str(data), "arch": arch, "dtype": args.dtype, "size": args.size,
-            "data_report": train_ds.report()}
+    meta = {("ckpt" if args.ckpt else "model"): str(source), "data": str(data), "arch": arch, "dtype": args.dtype,
+            "size": args.size, "data_report": train_ds.report()}
     trainer = Trainer(backend, layout, DatasetData(train_ds, cache, cfg.batch, cfg.seed, backend.device), cfg,
                       files.out, val=val, init_static=init, resume=args.resume, overwrite=args.overwrite,
                       meta=meta, progress=not args.no_progress)
-    res = trainer.run()
+    return _report(trainer.run(), files, cfg)
+
+
+def _report(res, files, cfg) -> int:
+    """Print how a run ended; the exit code (0 done, 3 NaN stop, 130 cancelled)."""
     print(f"{res.stopped} at step {res.step}/{cfg.steps}: wrote {files.out}"
           + (f"; best validation accuracy {res.best['accuracy']:.4f} at step {res.best['step']} in {files.best}"
              if res.best else ""))
@@ -288,15 +349,96 @@ def cmd_train(args) -> int:
     return 0
 
 
+# --- the ComfyUI route for --ckpt ------------------------------------------------------------
+
+def _comfyui_root() -> Path | None:
+    """ComfyUI's root: $COMFYUI_PATH, or three levels up when this pack sits in ComfyUI/custom_nodes/."""
+    import os
+
+    env = os.environ.get("COMFYUI_PATH")
+    candidates = [Path(env).expanduser()] if env else [Path(__file__).resolve().parents[3]]
+    for root in candidates:
+        if (root / "main.py").is_file() and (root / "comfy").is_dir():
+            return root
+    return None
+
+
+def _use_comfy(args) -> bool:
+    if args.backend == "diffusers" or not args.ckpt:
+        if args.backend == "comfy":
+            raise ValueError("--backend comfy trains on a single-file checkpoint: pass --ckpt")
+        return False
+    if _comfyui_root() is None:
+        if args.backend == "comfy":
+            raise ValueError("--backend comfy needs ComfyUI: set COMFYUI_PATH to a ComfyUI checkout")
+        return False
+    return True
+
+
+def _comfy_pack():
+    """This repository imported as a ComfyUI node package (ComfyUI on sys.path, its device chosen first)."""
+    import importlib
+    import importlib.util
+    import sys
+
+    root = _comfyui_root()
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    import comfy.options  # noqa: F401  (ComfyUI parses no command line when imported)
+    import comfy.cli_args
+
+    if not _cuda_available():
+        comfy.cli_args.args.cpu = True  # before comfy.model_management picks its device
+    name = "comfyui_soft_tokens_pack"
+    if name not in sys.modules:
+        repo = Path(__file__).resolve().parents[1]
+        spec = importlib.util.spec_from_file_location(name, repo / "__init__.py", submodule_search_locations=[str(repo)])
+        sys.modules[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[name])
+    return importlib.import_module(f"{name}.nodes.cli_train"), importlib.import_module(f"{name}.nodes.train_run")
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _train_with_comfy(args) -> int:
+    """--ckpt through ComfyUI's loader and the Train Soft Tokens node's run function."""
+    source = _source(args)
+    data = _existing(args.data, "dataset")
+    if args.val_data or args.config or args.dtype == "fp16":
+        raise ValueError("with ComfyUI (--backend comfy/auto and --ckpt), --val-data, --config and --dtype fp16 are "
+                         "not available; use --val-fraction, and --dtype fp32 or bf16 (or --backend diffusers)")
+    if args.resume:
+        _existing(args.resume, "checkpoint")
+    cli_train, run = _comfy_pack()
+    given = {"steps": args.steps, "batch": args.batch, "chunk": args.chunk, "lr": args.lr, "seed": args.seed,
+             "val_every": args.val_every, "save_every": args.ckpt_every, "tau": args.tau,
+             "gamma_pos": args.gamma_pos, "ema_decay": args.ema_decay}
+    settings = run.RunSettings(method=args.method, tokens=args.tokens, blocks=args.blocks or "", layers=args.layers,
+                               time_table=args.time, val_fraction=args.val_fraction, val_limit=args.val_limit,
+                               gamma_neg=-1.0 if args.gamma_neg is None else args.gamma_neg,
+                               precision="bf16" if args.dtype == "bf16" else "auto",
+                               gradient_checkpointing=args.grad_checkpointing,
+                               **{k: v for k, v in given.items() if v is not None})
+    print(f"ComfyUI route: {_comfyui_root()}")
+    res, files = cli_train.train_checkpoint(source, data, args.out, settings, size=args.size, cache=args.cache,
+                                            resume=args.resume, overwrite=args.overwrite,
+                                            progress=not args.no_progress)
+    return _report(res, files, settings.config())
+
+
 def cmd_score(args) -> int:
-    model = _existing(args.model, "model folder")
+    source = _source(args)
     data = _existing(args.data, "dataset")
     if args.tokens:
         _existing(args.tokens, "token file")
     ts = tuple(int(t) for t in args.ts.split(",") if t.strip())
     if args.group < 2 or args.limit < args.group:
         raise ValueError(f"need --group >= 2 and --limit >= --group, got {args.group}, {args.limit}")
-    _pipeline_arch(model)
+    _source_arch(args, source)
 
     import json
 
@@ -305,7 +447,7 @@ def cmd_score(args) -> int:
     from .score import alignment_score, format_score
 
     tokens = load_tokens(args.tokens) if args.tokens else None
-    backend, encoders = _load_model(args, model)
+    backend, encoders = _load(args)
     ds = open_dataset(data, size=args.size, caption_mode="first")
     x0, cond = _pairs(EncodeCache(encoders, root=args.cache), ds, args.limit)
     res = alignment_score(backend, tokens, x0, cond, group=args.group, ts=ts, seed=args.seed, chunk=args.chunk)

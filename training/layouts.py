@@ -230,6 +230,18 @@ def default_blocks(arch: str, method: str, n_layers: int = 5) -> tuple:
     return ("down", "mid")
 
 
+TIME_TABLE_CHOICES = ("official", "on", "off")
+
+
+def uses_time_table(arch: str, method: str, choice: str = "official") -> bool:
+    """Whether tokens get the time table: "on", "off", or "official" (off only for SoftREPA SDXL, ALGORITHMS 4.1)."""
+    if choice not in TIME_TABLE_CHOICES:
+        raise ValueError(f"time table choice must be official, on or off, got {choice!r}")
+    if choice == "official":
+        return not (arch == "sdxl" and method == "softrepa")
+    return choice == "on"
+
+
 def parse_blocks(text: str) -> tuple:
     """Parse a user's block choice: "down,mid" (UNet groups), or "0-4" / "0,1,2" (MMDiT blocks)."""
     parts = [p.strip() for p in str(text).split(",") if p.strip()]

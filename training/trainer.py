@@ -19,6 +19,7 @@ callback returning False, or raising ``Cancelled``, stops cleanly and saves a pa
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -398,7 +399,13 @@ class Trainer:
                     "best": self.best, "base": self.base_score, **self.history}, self.files.history)
 
     def save_tokens(self, status: str) -> None:
+        """The token file: full training record in ``train_config``, and the headline facts as their own keys."""
+        last = self.history["val"][-1] if self.history["val"] else None
         self.tokens.meta.setdefault("source", f"trained ({self.cfg.method})")
+        self.tokens.meta.update(status=status, steps=self.step,
+                                scores=json.dumps({"last": last, "best": self.best, "base": self.base_score}))
+        if "base_model" in self.meta:
+            self.tokens.meta["base_model"] = self.meta["base_model"]
         save_tokens(self.tokens, self.files.out, train_config=self._train_config(status))
 
     # --- the loop ------------------------------------------------------------------------
