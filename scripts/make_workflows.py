@@ -58,20 +58,26 @@ def txt2img(ckpt, token_file, prompt, width, height, steps, cfg, sampler, schedu
     g.link(ckpt_n, 1, neg, "clip")
     latent = g.node("EmptySD3LatentImage" if sd3 else "EmptyLatentImage", (20, 420), [width, height, 1],
                     outputs=[("LATENT", "LATENT")], size=(320, 110))
-    ks = g.node("KSampler", (820, 40), [0, "fixed", steps, cfg, sampler, scheduler, 1.0],
+    sample_and_save(g, (820, 40), (1180, 40), (1180, 140), load, pos, neg, latent, ckpt_n,
+                    [0, "fixed", steps, cfg, sampler, scheduler, 1.0], "soft_tokens")
+    return g.to_json()
+
+
+def sample_and_save(g, ks_pos, dec_pos, save_pos, model, pos, neg, latent, ckpt, ks_widgets, prefix):
+    """KSampler (model output 0, conditionings, latent) -> VAEDecode (the checkpoint's VAE) -> SaveImage."""
+    ks = g.node("KSampler", ks_pos, ks_widgets,
                 inputs=[("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
                         ("latent_image", "LATENT")], outputs=[("LATENT", "LATENT")], size=(320, 270))
-    g.link(load, 0, ks, "model")
+    g.link(model, 0, ks, "model")
     g.link(pos, 0, ks, "positive")
     g.link(neg, 0, ks, "negative")
     g.link(latent, 0, ks, "latent_image")
-    dec = g.node("VAEDecode", (1180, 40), inputs=[("samples", "LATENT"), ("vae", "VAE")],
+    dec = g.node("VAEDecode", dec_pos, inputs=[("samples", "LATENT"), ("vae", "VAE")],
                  outputs=[("IMAGE", "IMAGE")], size=(220, 50))
     g.link(ks, 0, dec, "samples")
-    g.link(ckpt_n, 2, dec, "vae")
-    save = g.node("SaveImage", (1180, 140), ["soft_tokens"], inputs=[("images", "IMAGE")], size=(400, 420))
+    g.link(ckpt, 2, dec, "vae")
+    save = g.node("SaveImage", save_pos, [prefix], inputs=[("images", "IMAGE")], size=(400, 420))
     g.link(dec, 0, save, "images")
-    return g.to_json()
 
 
 TRAIN_NOTE = """Train soft tokens for the checkpoint you use, then sample with them.
@@ -126,21 +132,9 @@ def train_sd15():
     g.link(ckpt, 1, pos, "clip")
     g.link(ckpt, 1, neg, "clip")
     latent = g.node("EmptyLatentImage", (1200, 540), [512, 512, 1], outputs=[("LATENT", "LATENT")], size=(320, 110))
-    ks = g.node("KSampler", (1200, 40), [0, "fixed", 30, 7.0, "ddim", "ddim_uniform", 1.0],
-                inputs=[("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
-                        ("latent_image", "LATENT")], outputs=[("LATENT", "LATENT")], size=(320, 270))
-    g.link(train, 0, ks, "model")
-    g.link(pos, 0, ks, "positive")
-    g.link(neg, 0, ks, "negative")
-    g.link(latent, 0, ks, "latent_image")
-    dec = g.node("VAEDecode", (1200, 360), inputs=[("samples", "LATENT"), ("vae", "VAE")],
-                 outputs=[("IMAGE", "IMAGE")], size=(220, 50))
-    g.link(ks, 0, dec, "samples")
-    g.link(ckpt, 2, dec, "vae")
-    out = g.node("SaveImage", (1580, 40), ["soft_tokens_trained"], inputs=[("images", "IMAGE")], size=(400, 420))
-    g.link(dec, 0, out, "images")
+    sample_and_save(g, (1200, 40), (1200, 360), (1580, 40), train, pos, neg, latent, ckpt,
+                    [0, "fixed", 30, 7.0, "ddim", "ddim_uniform", 1.0], "soft_tokens_trained")
     return g.to_json()
-
 
 WORKFLOWS = {
     "soft_tokens_sd15": txt2img("v1-5-pruned-emaonly.safetensors", "softrepa-sd1.5/",
