@@ -238,7 +238,6 @@ class LiveProgress:
         self.bar = comfy.utils.ProgressBar(total)
         self.plot_every = max(1, total // 50)
         self.interrupted = False
-        self.history = None
 
     def on_step(self, step, total, loss, metrics, history=None):
         if comfy.model_management.processing_interrupted():

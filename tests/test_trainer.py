@@ -50,10 +50,10 @@ def config(method="softrepa", **kw):
     return TrainConfig(**{**base, **kw})
 
 
-def make(backend, pairs, method, out, cfg=None, **kw):
+def make(backend, pairs, method, out, cfg=None, data=None, **kw):
     x0, cond = pairs
     val = (x0[:4], {k: v[:4] for k, v in cond.items()})
-    return Trainer(backend, layout(method), TensorData(x0, cond, 4, seed=1), cfg or config(method), out,
+    return Trainer(backend, layout(method), data or TensorData(x0, cond, 4, seed=1), cfg or config(method), out,
                    val=val, progress=False, **kw)
 
 
@@ -96,18 +96,44 @@ def test_resume_after_cancel_is_bit_identical(backend, pairs, method, tmp_path):
         assert not torch.equal(full.ema.static, full.tokens.static)
 
 
-def test_resume_after_crash_from_periodic_checkpoint(backend, pairs, tmp_path):
+def test_an_error_saves_the_last_completed_step_and_resumes_exactly(backend, pairs, tmp_path):
     full = make(backend, pairs, "softrepa", tmp_path / "full.safetensors")
     full.run()
 
     def crash(step, total, loss, metrics):
         if step == 5:
-            raise RuntimeError("power cut")
+            raise RuntimeError("out of memory")
 
-    with pytest.raises(RuntimeError, match="power cut"):
+    with pytest.raises(RuntimeError, match="out of memory"):
         make(backend, pairs, "softrepa", tmp_path / "crash.safetensors", on_step=crash).run()
-    assert load_checkpoint(tmp_path / "crash.ckpt.pt")["step"] == 4  # ckpt_every=4
+    assert load_checkpoint(tmp_path / "crash.ckpt.pt")["step"] == 5  # not only the periodic one at 4
+    assert train_config_of(load_tokens(tmp_path / "crash.safetensors"))["status"] == "error"
     resumed = make(backend, pairs, "softrepa", tmp_path / "crash.safetensors", resume=tmp_path / "crash.ckpt.pt")
+    resumed.run()
+    same_state(full, resumed)
+
+
+class FailingData(TensorData):
+    """A data source that breaks at one step (mid-step, before any update)."""
+
+    def __init__(self, x0, cond, fail_at):
+        super().__init__(x0, cond, batch=4, seed=1)
+        self.fail_at = fail_at
+
+    def batch(self, step, generator=None):
+        if step == self.fail_at:
+            raise OSError("disk read failed")
+        return super().batch(step, generator)
+
+
+def test_an_error_inside_a_step_keeps_the_steps_before_it(backend, pairs, tmp_path):
+    full = make(backend, pairs, "softrepa", tmp_path / "full.safetensors")
+    full.run()
+    t = make(backend, pairs, "softrepa", tmp_path / "e.safetensors", data=FailingData(*pairs, fail_at=3))
+    with pytest.raises(OSError, match="disk read failed"):
+        t.run()
+    assert load_checkpoint(tmp_path / "e.ckpt.pt")["step"] == 3
+    resumed = make(backend, pairs, "softrepa", tmp_path / "e.safetensors", resume=tmp_path / "e.ckpt.pt")
     resumed.run()
     same_state(full, resumed)
 

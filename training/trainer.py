@@ -13,7 +13,8 @@ uninterrupted one bit for bit (on the same device and thread count).
 
 Failures never lose work: a non-finite loss or gradient skips the step (no optimizer or EMA
 update); ``max_bad_steps`` skips in a row stop training with the last good tokens saved. A
-callback returning False, or raising ``Cancelled``, stops cleanly and saves a partial result.
+callback returning False, or raising ``Cancelled``, stops cleanly and saves a partial result;
+any other exception saves the run as of its last completed step before it propagates.
 """
 
 from __future__ import annotations
@@ -410,7 +411,11 @@ class Trainer:
 
     # --- the loop ------------------------------------------------------------------------
     def run(self) -> TrainResult:
-        """Train to ``cfg.steps`` (or until cancelled / too many bad steps); save and return."""
+        """Train to ``cfg.steps`` (or until cancelled / too many bad steps); save and return.
+
+        An exception (out of memory, a failing data source, ...) saves the run as it stood after
+        its last completed step, marked "error", and is then raised again.
+        """
         cfg = self.cfg
         bar = _progress_bar(cfg.steps, self.step) if self.progress else None
         stopped = "done"
@@ -420,7 +425,7 @@ class Trainer:
                 rng = self.gen.get_state()
                 try:
                     rec = self.train_step()
-                except (Cancelled, KeyboardInterrupt):
+                except BaseException:
                     self.gen.set_state(rng)  # the interrupted step is redone on resume
                     raise
                 metrics = self.validate() if self.step % cfg.val_every == 0 else {}
@@ -440,9 +445,19 @@ class Trainer:
                     break
         except (Cancelled, KeyboardInterrupt):
             stopped = "cancelled"
+        except Exception as e:
+            try:
+                self._finish("error", t0)
+            except Exception as save_error:  # e.g. the disk is full: report both
+                e.add_note(f"saving the partial result failed too: {save_error}")
+            raise
         finally:
             if bar is not None:
                 bar.close()
+        return self._finish(stopped, t0)
+
+    def _finish(self, stopped: str, t0: float) -> TrainResult:
+        """Record how the run ended and save checkpoint and token file."""
         self.history.setdefault("runs", []).append({"until": self.step, "stopped": stopped,
                                                     "seconds": round(time.time() - t0, 3)})
         self.save_checkpoint()
