@@ -179,6 +179,22 @@ def tiny_sd15(seed=0, context_dim=768, init_std=None, unet_overrides=None):
     return _patcher(model)
 
 
+def tiny_sdxl(seed=0, init_std=None):
+    """ModelPatcher around a tiny SDXL-class UNet (comfy.supported_models.SDXL: context 2048, ADM input
+    2816 = pooled 1280 + size embeddings), shrunken like tiny_sd15."""
+    _require()
+    import comfy.supported_models
+    unet_config = dict(TINY_SD15_UNET, context_dim=2048, adm_in_channels=2816, num_classes="sequential",
+                       use_linear_in_transformer=True)
+    model_config = comfy.supported_models.SDXL(unet_config)
+    model_config.unet_config.update(num_heads=TINY_SD15_HEADS, num_head_channels=-1)  # SDXL forces 64-wide heads
+    model_config.set_inference_dtype(torch.float32, None)
+    model = model_config.get_model({})
+    init_weights(model.diffusion_model, seed, init_std)
+    model.eval()
+    return _patcher(model)
+
+
 def tiny_sd3(seed=0, depth=2, num_blocks=2, context_dim=4096, adm_in_channels=2048, pos_embed_max_size=16,
              init_std=None):
     """ModelPatcher around a tiny SD3 MMDiT: hidden 64*depth, `depth` heads, `num_blocks` joint blocks.

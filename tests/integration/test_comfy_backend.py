@@ -161,3 +161,29 @@ def test_refuses_models_that_already_carry_tokens(comfy, pack):
     patched = submodule("nodes.patch").apply_soft_tokens(model, pack["tokens"].SoftTokens(lay))
     with pytest.raises(ValueError, match="already carries soft tokens"):
         pack["backend"].ComfyBackend(patched, pack["tokens"].SoftTokens(lay))
+
+
+def test_sdxl_class_model_uses_pooled_and_size_conditioning_and_trains(comfy, pack, tmp_path):
+    T = pack["trainer"]
+    with torch.inference_mode():
+        model = comfy.tiny_sdxl(seed=0)
+    assert pack["backend"].model_arch(model) == "sdxl"
+    lay = pack["layouts"].TokenLayout(arch="sdxl", method="softrepa", n_tokens=4, width=2048, text_width=2048,
+                                      blocks=("down", "mid"), time_buckets=0)
+    tok = pack["tokens"].SoftTokens(lay, generator=torch.Generator().manual_seed(1))
+    cb = pack["backend"].ComfyBackend(model, tok)
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(4, 4, 8, 8, generator=g)
+    cond = {"context": torch.randn(4, 77, 2048, generator=g), "pooled": torch.randn(4, 1280, generator=g)}
+    t = torch.tensor([500] * 4)
+    with cb.session():
+        z = cb.noisy(x0, torch.randn(x0.shape, generator=g), t)
+        base = cb.predict(z, t, cond)
+        other_pooled = cb.predict(z, t, dict(cond, pooled=torch.zeros(4, 1280)))
+        assert (base - other_pooled).abs().max() > 1e-4  # the ADM input carries the pooled text
+        assert (cb.predict(z, t, cond, tok) - base).abs().max() > 1e-5
+        with pytest.raises(ValueError, match="pooled"):
+            cb.predict(z, t, {"context": cond["context"]})
+        cfg = T.TrainConfig(steps=3, batch=2, lr=0.01, tau=1.0, ckpt_every=0)
+        res = T.train(cb, lay, T.TensorData(x0, cond, 2), cfg, tmp_path / "xl.safetensors", progress=False)
+    assert res.stopped == "done" and torch.isfinite(res.tokens.static).all()
