@@ -35,6 +35,7 @@ SoftTokenDataset = io.Custom("SOFT_TOKEN_DATASET")
 NO_RESUME = "none"
 CATEGORY = "conditioning/soft tokens/training"
 PREVIEW_SIZE = 800
+DEFAULT_CHUNK = 16  # pairs per denoiser call: B = 4 in one call, larger B in whole-row chunks
 
 
 def cache_folder() -> str:
@@ -140,9 +141,10 @@ class TrainSoftTokens(io.ComfyNode):
                 io.Int.Input("batch", default=d.batch, min=2, max=64,
                              tooltip="Images per step B; each step evaluates all B x B image-caption pairs "
                                      "(official: 4)."),
-                io.Int.Input("chunk", default=d.chunk, min=0, max=4096,
-                             tooltip="Pairs per denoiser call; bounds memory, never changes the result. 0 = all "
-                                     "B x B pairs at once. Lower it if you run out of memory."),
+                io.Int.Input("chunk", default=DEFAULT_CHUNK, min=0, max=4096,
+                             tooltip="Pairs per denoiser call: bounds memory, never changes the result (16 keeps "
+                                     "memory flat as B grows). 0 = all B x B pairs at once. Lower it if you run "
+                                     "out of memory."),
                 io.Float.Input("learning_rate", default=d.lr, min=1e-6, max=1.0, step=1e-4,
                                tooltip="AdamW learning rate (official 1e-3), with cosine warm restarts."),
                 io.Int.Input("tokens", default=d.tokens, min=1, max=64,

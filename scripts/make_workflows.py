@@ -112,7 +112,7 @@ def train_sd15():
     g.link(ckpt, 1, enc, "clip")
     g.link(ckpt, 2, enc, "vae")
     train = g.node("TrainSoftTokens", (400, 40),
-                   ["softrepa", 500, 4, 0, 0.001, 4, "", "official", "official", 0.07, 4.0, 1.0, -1.0, 0.9999, 42,
+                   ["softrepa", 500, 4, 16, 0.001, 4, "", "official", "official", 0.07, 4.0, 1.0, -1.0, 0.9999, 42,
                     "auto", False, 0.1, 100, 100, "my_tokens", "none"],
                    inputs=[("model", "MODEL"), ("dataset", "SOFT_TOKEN_DATASET")],
                    outputs=[("MODEL", "MODEL"), ("soft_tokens", "SOFT_TOKENS"), ("history", "LOSS_MAP")],
