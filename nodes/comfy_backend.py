@@ -107,6 +107,12 @@ class ComfyBackend:
     def model(self):
         return self.patcher.model
 
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype the denoiser computes in: the autocast dtype, else what ComfyUI's apply_model
+        casts to (the manual-cast dtype, else the weights')."""
+        return self.autocast_dtype or self.model.manual_cast_dtype or self.model.get_dtype()
+
     def _add_clone_wrappers(self):
         for name, module in self.patcher.model.named_modules():
             for kind in ("weight", "bias"):

@@ -15,7 +15,7 @@ from training.cli import main as cli_main
 from training.diffusers_backend import DiffusersBackend
 from training.formats import load_tokens, train_config_of
 from training.layouts import TokenLayout
-from training.trainer import Cancelled, TensorData, TrainConfig, Trainer, bos_init, make_tokens
+from training.trainer import Cancelled, LossScaler, TensorData, TrainConfig, Trainer, bos_init, make_tokens
 
 W = 32
 
@@ -309,3 +309,212 @@ def test_cli_train_resume_and_score_on_a_tiny_pipeline(tmp_path, capsys):
                      "--group", "2", "--ts", "100,900", "--size", "16"]) == 0
     text = capsys.readouterr().out
     assert "with tokens" in text and "without tokens" in text and "chance 0.500" in text
+
+
+# --- fp16 loss scaling ------------------------------------------------------------------------
+
+def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Cosine in float64 (F.cosine_similarity clamps the norm product at 1e-8: wrong for ~1e-9 gradients)."""
+    a, b = a.double().flatten(), b.double().flatten()
+    return float(a @ b / (a.norm() * b.norm()))
+
+
+def _flat(params) -> torch.Tensor:
+    return torch.cat([p.detach().flatten().clone() for p in params])
+
+
+@pytest.fixture(scope="module")
+def backend16():
+    """The tiny UNet computing in fp16 (CPU autocast), as ``--dtype fp16`` runs it."""
+    return DiffusersBackend(small_unet(), autocast_dtype="fp16")
+
+
+class PoisonGrad(torch.autograd.Function):
+    """Identity forward; a backward that is never finite (whatever the loss scale)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * float("inf")
+
+
+class PoisonedBackend:
+    """A backend whose predictions are fine but whose gradients are not (a broken backward)."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def predict(self, *args, **kwargs):
+        out = self.inner.predict(*args, **kwargs)
+        return PoisonGrad.apply(out) if out.requires_grad else out
+
+
+def test_fp16_is_detected_from_the_backend(backend, backend16):
+    from types import SimpleNamespace as NS
+
+    from training.trainer import _computes_in_fp16
+
+    assert backend16.compute_dtype == torch.float16 and backend.compute_dtype == torch.float32
+    assert _computes_in_fp16(backend16) and not _computes_in_fp16(backend)
+    assert not _computes_in_fp16(NS(compute_dtype=torch.bfloat16)) and not _computes_in_fp16(NS())
+    fp16_weights = DiffusersBackend(small_unet().to(torch.float16))
+    assert _computes_in_fp16(fp16_weights)  # fp16 weights, no autocast
+
+
+def test_fp16_gradients_underflow_without_loss_scaling_and_train_with_it(backend, backend16, pairs, tmp_path):
+    x0, cond = pairs
+    tok = make_tokens(layout("softrepa"), torch.Generator().manual_seed(0))
+    noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    batch = (x0[:4], {k: v[:4] for k, v in cond.items()})
+    from training.objectives import softrepa_step
+
+    # The issue: fp16 compute without loss scaling silently gives a zero token gradient.
+    softrepa_step(backend16, tok, *batch, 500, noise)
+    assert all(torch.equal(p.grad, torch.zeros_like(p.grad)) for p in (tok.static, tok.time))
+    tok.zero_grad()
+    softrepa_step(backend, tok, *batch, 500, noise)  # fp32: the gradient is there, just tiny
+    g32 = _flat([tok.static.grad, tok.time.grad])
+    assert 0 < g32.abs().max() < 1e-7  # far below fp16's smallest subnormal (6e-8) once spread out
+    for k, at_least in ((16, 0.95), (20, 0.999)):  # at 2**16 a little of it is still subnormal in fp16
+        tok.zero_grad()
+        softrepa_step(backend16, tok, *batch, 500, noise, grad_scale=2.0 ** k)
+        assert _cos(_flat([tok.static.grad, tok.time.grad]), g32) > at_least
+
+    # Through the Trainer: the same first step in fp16 (scaled) and fp32 moves the tokens alike.
+    cfg = config(steps=1, weight_decay=0.0, ckpt_every=0)
+    runs = {}
+    for name, b, scaler in (("fp32", backend, None), ("fp16", backend16, None),
+                            ("fp16-2^20", backend16, LossScaler(init_scale=2.0 ** 20)),
+                            ("fp16-unscaled", backend16, LossScaler(enabled=False))):
+        t = make(b, pairs, "softrepa", tmp_path / f"{name}.safetensors", cfg=cfg, loss_scaler=scaler)
+        before = _flat(t.params)
+        rec = t.train_step()
+        runs[name] = (t, rec, _flat(t.params) - before)
+    t32, rec32, d32 = runs["fp32"]
+    assert not t32.scaler.enabled and t32.scaler.scale == 1.0
+    assert "scale" not in rec32 and "overflow" not in rec32  # fp32 records are as before
+    t16, rec16, d16 = runs["fp16"]
+    assert t16.scaler.enabled and (rec16["scale"], rec16["overflow"], rec16["skipped"]) == (2.0 ** 16, False, False)
+    assert rec16["loss"] == pytest.approx(rec32["loss"], rel=1e-3)
+    assert d16.abs().max() > 0 and _cos(d16, d32) > 0.99
+    assert _cos(runs["fp16-2^20"][2], d32) > 0.999
+    # Without scaling (as before this change) nothing is learned in fp16: the update is exactly zero.
+    assert torch.equal(runs["fp16-unscaled"][2], torch.zeros_like(d16))
+
+
+def test_fp16_overflow_halves_the_scale_and_is_not_a_bad_step(backend16, pairs, tmp_path):
+    x0, cond = pairs
+    # Scale 2**26 overflows this model's fp16 AGSM gradients (they stay finite from about 2**23 down).
+    cfg = config("agsm", steps=7, max_bad_steps=1, ckpt_every=0)
+    t = Trainer(backend16, layout("agsm"), TensorData(x0, cond, 4, seed=1), cfg, tmp_path / "o.safetensors",
+                progress=False, loss_scaler=LossScaler(init_scale=2.0 ** 26, growth_interval=2))
+    before = _flat(t.params)
+    res = t.run()
+    recs = t.history["steps"]
+    assert (res.stopped, res.step, t.bad_total, t.bad_run) == ("done", 7, 0, 0)  # max_bad_steps=1 never hit
+    assert recs[0]["overflow"] and recs[0]["skipped"] and math.isfinite(recs[0]["loss"])
+    # GradScaler's rule: halve on an overflow, double after growth_interval good steps in a row.
+    scale, good = 2.0 ** 26, 0
+    for r in recs:
+        assert r["scale"] == scale and r["skipped"] == r["overflow"] and math.isfinite(r["loss"])
+        if r["overflow"]:
+            scale, good = scale / 2, 0
+        else:
+            good += 1
+            if good == 2:
+                scale, good = scale * 2, 0
+    assert t.scaler.scale == scale
+    n_over = sum(r["overflow"] for r in recs)
+    assert 1 <= n_over <= 5 and t.scaler.overflows == n_over
+    assert int(t.opt.state_dict()["state"][0]["step"]) == 7 - n_over  # no update on an overflow
+    assert not torch.equal(_flat(t.params), before)
+    saved = train_config_of(load_tokens(tmp_path / "o.safetensors"))
+    assert (saved["status"], saved["skipped_steps"], saved["overflow_steps"]) == ("done", 0, n_over)
+    assert saved["loss_scale"] == scale
+
+
+def test_fp16_a_non_finite_loss_still_stops_training(backend16, pairs, tmp_path):
+    x0, cond = pairs
+    cfg = config(steps=20, max_bad_steps=2, ckpt_every=0)
+    t = Trainer(backend16, layout("softrepa"), NaNAfter(x0, cond, bad_from=2), cfg, tmp_path / "n.safetensors",
+                progress=False)
+    res = t.run()
+    assert (res.stopped, res.step, t.bad_total) == ("nan", 4, 2)
+    recs = t.history["steps"]
+    assert [(r["skipped"], r["overflow"], r["loss"] is None) for r in recs] == \
+        [(False, False, False)] * 2 + [(True, False, True)] * 2
+    assert {r["scale"] for r in recs} == {2.0 ** 16} and t.scaler.scale == 2.0 ** 16  # not the scale's fault
+
+    # Gradients that are not finite even unscaled: the scale backs off to 1, then the steps are bad.
+    t = Trainer(PoisonedBackend(backend16), layout("softrepa"), TensorData(x0, cond, 4, seed=1), cfg,
+                tmp_path / "p.safetensors", progress=False, loss_scaler=LossScaler(init_scale=4.0))
+    res = t.run()
+    assert (res.stopped, res.step, t.bad_total) == ("nan", 4, 2)
+    assert [(r["scale"], r["overflow"]) for r in t.history["steps"]] == [(4.0, True), (2.0, True), (1.0, False),
+                                                                         (1.0, False)]
+
+
+@pytest.mark.parametrize("method,init", [("softrepa", 2.0 ** 41), ("agsm", 2.0 ** 25)])
+def test_fp16_resume_with_loss_scaling_is_bit_identical(backend16, pairs, method, init, tmp_path):
+    scaler = lambda: LossScaler(init_scale=init, growth_interval=2)  # noqa: E731  overflows, then grows
+    full = make(backend16, pairs, method, tmp_path / "full.safetensors", loss_scaler=scaler())
+    assert full.run().stopped == "done"
+    recs = full.history["steps"]
+    assert any(r["overflow"] for r in recs) and len({r["scale"] for r in recs}) > 1
+
+    part = make(backend16, pairs, method, tmp_path / "part.safetensors", loss_scaler=scaler(),
+                on_step=lambda step, total, loss, metrics: step < 3)
+    assert part.run().step == 3
+    ckpt = load_checkpoint(tmp_path / "part.ckpt.pt")
+    assert ckpt["scaler"] == part.scaler.state_dict() and ckpt["scaler"]["scale"] != init
+    resumed = make(backend16, pairs, method, tmp_path / "part.safetensors", resume=tmp_path / "part.ckpt.pt")
+    assert resumed.scaler.state_dict() == part.scaler.state_dict()  # the checkpoint's, not a fresh one
+    resumed.run()
+    same_state(full, resumed)
+    assert resumed.history["steps"] == full.history["steps"]  # scales and overflows included
+    assert resumed.scaler.state_dict() == full.scaler.state_dict()
+
+
+def test_fp16_checkpoint_without_scaler_state_still_resumes(backend, backend16, pairs, tmp_path):
+    from training.checkpoint import save_checkpoint
+
+    t = make(backend16, pairs, "softrepa", tmp_path / "a.safetensors", cfg=config(steps=2, ckpt_every=0),
+             on_step=lambda step, total, loss, metrics: step < 1)
+    t.run()
+    state = load_checkpoint(tmp_path / "a.ckpt.pt")
+    del state["scaler"]  # as written before loss scaling existed
+    save_checkpoint(state, tmp_path / "a.ckpt.pt")
+    resumed = make(backend16, pairs, "softrepa", tmp_path / "a.safetensors", cfg=config(steps=2, ckpt_every=0),
+                   resume=tmp_path / "a.ckpt.pt")
+    assert resumed.scaler.state_dict() == LossScaler().state_dict()  # the default state
+    assert resumed.run().stopped == "done" and resumed.history["steps"][-1]["scale"] == 2.0 ** 16
+    # An fp32 run saves a disabled scaler, and resuming it keeps scaling off.
+    t = make(backend, pairs, "softrepa", tmp_path / "b.safetensors", cfg=config(steps=2, ckpt_every=0),
+             on_step=lambda step, total, loss, metrics: step < 1)
+    t.run()
+    assert load_checkpoint(tmp_path / "b.ckpt.pt")["scaler"]["enabled"] is False
+    resumed = make(backend, pairs, "softrepa", tmp_path / "b.safetensors", cfg=config(steps=2, ckpt_every=0),
+                   resume=tmp_path / "b.ckpt.pt")
+    resumed.run()
+    assert not resumed.scaler.enabled and "scale" not in resumed.history["steps"][-1]
+
+
+def test_loss_scaler_rules():
+    s = LossScaler(growth_interval=3)
+    assert s.scale == 2.0 ** 16 and LossScaler(enabled=False).scale == 1.0
+    for overflow in (False, False, True, False, False, False):
+        s.update(overflow)
+    assert (s.scale, s.growth_tracker, s.overflows) == (2.0 ** 16, 0, 1)  # halved, then doubled after 3
+    off = LossScaler(enabled=False)
+    off.update(True)
+    assert (off.scale, off.overflows) == (1.0, 0) and not off.can_back_off()
+    low = LossScaler(init_scale=1.0)
+    assert not low.can_back_off()
+    with pytest.raises(ValueError):
+        LossScaler(backoff_factor=1.0)

@@ -86,6 +86,11 @@ class DiffusersBackend:
         if gradient_checkpointing:
             self._enable_checkpointing()
 
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype the denoiser computes in: the autocast dtype, else the weights'."""
+        return self.autocast_dtype or self.dtype
+
     # --- forward process -----------------------------------------------------------------
     def noisy(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """z_t: DDIM add_noise (epsilon) or (1 - t/1000) x0 + t/1000 noise (flow)."""

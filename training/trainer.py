@@ -15,6 +15,14 @@ Failures never lose work: a non-finite loss or gradient skips the step (no optim
 update); ``max_bad_steps`` skips in a row stop training with the last good tokens saved. A
 callback returning False, or raising ``Cancelled``, stops cleanly and saves a partial result;
 any other exception saves the run as of its last completed step before it propagates.
+
+fp16: when the backend computes in float16 (``_computes_in_fp16``) the trainer scales the loss
+dynamically (``LossScaler``, torch.amp.GradScaler's rules on the token parameters): the
+objectives backpropagate loss * scale, the gradients are divided by the scale before the finite
+check and the optimizer step, a step whose loss is finite but whose scaled gradients overflowed
+is skipped and halves the scale (an overflow, not a bad step: it does not count toward
+``max_bad_steps``), and every ``growth_interval`` good steps in a row double it. The scale is
+recorded per step and kept in the checkpoint. fp32 and bf16 runs are unchanged (scale 1).
 """
 
 from __future__ import annotations
@@ -219,6 +227,81 @@ def make_tokens(layout: TokenLayout, generator: torch.Generator, init_static=Non
     return SoftTokens(layout, static=static, generator=generator)
 
 
+# --- fp16 loss scaling --------------------------------------------------------------------
+
+def _computes_in_fp16(backend) -> bool:
+    """True when the backend's denoiser computes in float16 (its ``compute_dtype``): small
+    gradients then underflow unless the loss is scaled."""
+    return getattr(backend, "compute_dtype", None) == torch.float16
+
+
+class LossScaler:
+    """Dynamic loss scaling with torch.amp.GradScaler's rules, for the token parameters.
+
+    The objectives multiply the backpropagated loss by ``scale`` themselves (``grad_scale``);
+    ``unscale_`` divides the gradients by it before the finite check and the optimizer step.
+    ``update(overflow=True)`` (a finite loss whose scaled gradients were not finite) multiplies
+    the scale by ``backoff_factor``; ``update(overflow=False)`` counts a good step, and every
+    ``growth_interval`` good steps in a row multiply it by ``growth_factor``. Unlike GradScaler,
+    the scale stops at ``min_scale`` (1): gradients that are not finite even unscaled are not an
+    overflow caused by scaling (``can_back_off`` is False) and the trainer counts a bad step.
+    Disabled (fp32/bf16), the scale is 1 and every method is a no-op.
+    """
+
+    def __init__(self, enabled: bool = True, init_scale: float = 2.0 ** 16, growth_factor: float = 2.0,
+                 backoff_factor: float = 0.5, growth_interval: int = 2000, min_scale: float = 1.0):
+        if not (growth_factor > 1.0 and 0.0 < backoff_factor < 1.0 and growth_interval >= 1
+                and 0.0 < min_scale <= init_scale and math.isfinite(init_scale)):
+            raise ValueError("need growth_factor > 1, 0 < backoff_factor < 1, growth_interval >= 1 and "
+                             f"0 < min_scale <= init_scale < inf; got {growth_factor}, {backoff_factor}, "
+                             f"{growth_interval}, {min_scale}, {init_scale}")
+        self.enabled = bool(enabled)
+        self.scale = float(init_scale) if self.enabled else 1.0
+        self.growth_factor, self.backoff_factor = float(growth_factor), float(backoff_factor)
+        self.growth_interval, self.min_scale = int(growth_interval), float(min_scale)
+        self.growth_tracker = 0  # good steps in a row since the last change of scale
+        self.overflows = 0  # steps skipped because the scaled gradients overflowed
+
+    def unscale_(self, params) -> None:
+        """Divide the parameters' gradients by the scale, in place."""
+        if self.enabled and self.scale != 1.0:
+            for p in params:
+                if p.grad is not None:
+                    p.grad.div_(self.scale)
+
+    def can_back_off(self) -> bool:
+        """Whether non-finite gradients with a finite loss can be blamed on the scale (scale > min)."""
+        return self.enabled and self.scale > self.min_scale
+
+    def update(self, overflow: bool) -> None:
+        """After a step: back off on an overflow; count a good step and grow after growth_interval."""
+        if not self.enabled:
+            return
+        if overflow:
+            self.scale = max(self.scale * self.backoff_factor, self.min_scale)
+            self.growth_tracker = 0
+            self.overflows += 1
+            return
+        self.growth_tracker += 1
+        if self.growth_tracker == self.growth_interval:
+            grown = self.scale * self.growth_factor
+            if math.isfinite(grown):
+                self.scale = grown
+            self.growth_tracker = 0
+
+    def state_dict(self) -> dict:
+        return {"enabled": self.enabled, "scale": self.scale, "growth_factor": self.growth_factor,
+                "backoff_factor": self.backoff_factor, "growth_interval": self.growth_interval,
+                "min_scale": self.min_scale, "growth_tracker": self.growth_tracker, "overflows": self.overflows}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.enabled = bool(state["enabled"])
+        self.scale = float(state["scale"])
+        self.growth_factor, self.backoff_factor = float(state["growth_factor"]), float(state["backoff_factor"])
+        self.growth_interval, self.min_scale = int(state["growth_interval"]), float(state["min_scale"])
+        self.growth_tracker, self.overflows = int(state["growth_tracker"]), int(state["overflows"])
+
+
 # --- the trainer --------------------------------------------------------------------------
 
 class Trainer:
@@ -235,15 +318,18 @@ class Trainer:
         init_static: static-token init (see ``make_tokens``), e.g. ``bos_init(...)`` for SD1.5.
         resume: a checkpoint path to continue from (config must match except RESUME_MUTABLE).
         on_step: ``fn(step, total, loss, metrics)`` after every step (loss None for a skipped
-            non-finite step; metrics {} except after a validation); False or ``Cancelled`` stops.
+            non-finite step, the finite loss for a step skipped by an fp16 overflow; metrics {}
+            except after a validation); False or ``Cancelled`` stops.
         overwrite: allow a fresh run to replace existing run files.
         meta: extra facts stored in the token file's train_config (model and data paths, ...).
         progress: show a tqdm progress bar.
+        loss_scaler: a ``LossScaler``; None scales dynamically exactly when the backend computes
+            in fp16 (``_computes_in_fp16``). A resumed run continues with the checkpoint's scaler.
     """
 
     def __init__(self, backend, layout: TokenLayout, data, cfg: TrainConfig, out, *, val=None, init_static=None,
                  resume=None, on_step=None, overwrite: bool = False, meta: dict | None = None,
-                 progress: bool = True):
+                 progress: bool = True, loss_scaler: LossScaler | None = None):
         cfg.check()
         if layout.method != cfg.method:
             raise ValueError(f"the layout is for {layout.method} but the config trains {cfg.method}")
@@ -279,6 +365,7 @@ class Trainer:
         self.history = {"steps": [], "val": []}
         self.best = None
         self.base_score = None
+        self.scaler = loss_scaler if loss_scaler is not None else LossScaler(enabled=_computes_in_fp16(backend))
         if state is not None:
             self._restore(state)
 
@@ -312,6 +399,10 @@ class Trainer:
         self.history = state["history"]
         self.best = state["best"]
         self.base_score = state["base_score"]
+        # Checkpoints from before loss scaling, or from a run without it, leave a fresh scaler.
+        saved_scaler = state.get("scaler")
+        if saved_scaler and saved_scaler.get("enabled") and self.scaler.enabled:
+            self.scaler.load_state_dict(saved_scaler)
         if self.step != int(state["data_position"]):
             raise ValueError("corrupt checkpoint: data position and step disagree")
 
@@ -326,12 +417,14 @@ class Trainer:
                 "data_position": self.step, "tokens": tok_state(self.tokens), "ema": tok_state(self.ema),
                 "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
                 "rng": self.gen.get_state(), "bad_run": self.bad_run, "bad_total": self.bad_total,
-                "history": self.history, "best": self.best, "base_score": self.base_score, "meta": self.meta}
+                "history": self.history, "best": self.best, "base_score": self.base_score, "meta": self.meta,
+                "scaler": self.scaler.state_dict()}
 
     # --- one step ------------------------------------------------------------------------
     def train_step(self) -> dict:
-        """Run step ``self.step``: returns {"loss", "t", "skipped"}; advances ``self.step``."""
-        cfg, gen = self.cfg, self.gen
+        """Run step ``self.step``: returns {"loss", "t", "skipped", "lr"} (with fp16 loss scaling
+        also "scale", the scale this step used, and "overflow"); advances ``self.step``."""
+        cfg, gen, scaler = self.cfg, self.gen, self.scaler
         x0, cond = self.data.batch(self.step, gen)
         if x0.shape[0] != cfg.batch:
             raise ValueError(f"the data gave {x0.shape[0]} images for a batch of {cfg.batch}")
@@ -340,19 +433,28 @@ class Trainer:
         t = int(torch.randint(cfg.t_min, cfg.t_max, (1,), generator=gen))
         noise = torch.randn((1,) + tuple(x0.shape[1:]), generator=gen).to(x0.device, x0.dtype)
         self.opt.zero_grad(set_to_none=True)
+        scale = scaler.scale  # 1.0 without loss scaling: x * 1.0 is exact, results are unchanged
         if cfg.method == "softrepa":
             out = softrepa_step(self.backend, self.tokens, x0, cond, t, noise, scale=cfg.scale, tau=cfg.tau,
-                                dweight=cfg.dweight, chunk=cfg.chunk)
+                                dweight=cfg.dweight, chunk=cfg.chunk, grad_scale=scale)
         else:
             out = agsm_step(self.backend, self.tokens, self.ema, x0, cond, t, noise, gamma_pos=cfg.gamma_pos,
-                            gamma_neg=cfg.gamma_neg, temp=cfg.temp, chunk=cfg.chunk)
+                            gamma_neg=cfg.gamma_neg, temp=cfg.temp, chunk=cfg.chunk, grad_scale=scale)
         loss = float(out["loss"])
-        finite = math.isfinite(loss) and all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in self.params)
+        loss_finite = math.isfinite(loss)
+        if loss_finite:
+            scaler.unscale_(self.params)
+        finite = loss_finite and all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in self.params)
+        # A finite loss whose scaled gradients overflowed: skip, lower the scale; not a bad step.
+        overflow = not finite and loss_finite and scaler.can_back_off()
         if finite:
             self.opt.step()
             if self.ema is not None:
                 ema_update(self.ema, self.tokens, cfg.ema_decay)
             self.bad_run = 0
+            scaler.update(overflow=False)
+        elif overflow:
+            scaler.update(overflow=True)  # neither counts toward nor resets the bad-step run
         else:
             self.bad_run += 1
             self.bad_total += 1
@@ -361,8 +463,10 @@ class Trainer:
         lr_every = cfg.lr_every or cfg.val_every
         if self.step % lr_every == 0:
             self.sched.step()
-        rec = {"step": self.step, "loss": loss if finite else None, "t": t, "skipped": not finite,
+        rec = {"step": self.step, "loss": loss if finite or overflow else None, "t": t, "skipped": not finite,
                "lr": self.opt.param_groups[0]["lr"]}
+        if scaler.enabled:
+            rec.update(scale=scale, overflow=overflow)
         self.history["steps"].append(rec)
         return rec
 
@@ -388,8 +492,10 @@ class Trainer:
 
     # --- saving --------------------------------------------------------------------------
     def _train_config(self, status: str, val: dict | None = None) -> dict:
+        sc = self.scaler
+        scaling = {"loss_scale": sc.scale, "overflow_steps": sc.overflows} if sc.enabled else {}
         return {**self.cfg.to_dict(), **self.meta, "status": status, "steps_done": self.step,
-                "skipped_steps": self.bad_total, "val": val if val is not None else self.best}
+                "skipped_steps": self.bad_total, **scaling, "val": val if val is not None else self.best}
 
     def save_checkpoint(self) -> None:
         save_checkpoint(self.state_dict(), self.files.ckpt)
@@ -433,7 +539,9 @@ class Trainer:
                     self.save_checkpoint()
                 if bar is not None:
                     bar.update(1)
-                    post = {"loss": "nan" if rec["skipped"] else f"{rec['loss']:.4f}", "t": rec["t"]}
+                    post = {"loss": "nan" if rec["loss"] is None else f"{rec['loss']:.4f}", "t": rec["t"]}
+                    if "scale" in rec:
+                        post["scale"] = f"{rec['scale']:g}" + (" overflow" if rec["overflow"] else "")
                     if metrics:
                         post["val_acc"] = f"{metrics['accuracy']:.3f}"
                     bar.set_postfix(post)

@@ -187,3 +187,13 @@ def test_sdxl_class_model_uses_pooled_and_size_conditioning_and_trains(comfy, pa
         cfg = T.TrainConfig(steps=3, batch=2, lr=0.01, tau=1.0, ckpt_every=0)
         res = T.train(cb, lay, T.TensorData(x0, cond, 2), cfg, tmp_path / "xl.safetensors", progress=False)
     assert res.stopped == "done" and torch.isfinite(res.tokens.static).all()
+
+
+def test_compute_dtype_decides_loss_scaling(comfy, pack):
+    model = loaded(comfy, "sd15")
+    tok = pack["tokens"].SoftTokens(layout(pack, "sd15"))
+    assert pack["backend"].ComfyBackend(model, tok).compute_dtype == torch.float32
+    bf16 = pack["backend"].ComfyBackend(model, tok, autocast_dtype=torch.bfloat16)
+    assert bf16.compute_dtype == torch.bfloat16
+    assert not pack["trainer"]._computes_in_fp16(bf16)
+    assert pack["trainer"]._computes_in_fp16(pack["backend"].ComfyBackend(model, tok, autocast_dtype=torch.float16))
