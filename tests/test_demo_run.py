@@ -17,12 +17,17 @@ def test_smoke_demo_writes_every_report_file(tmp_path):
         tok = load_tokens(out / "tokens" / f"{method}_seed0.safetensors")
         assert tok.layout.method == method
     res = json.loads((out / "results.json").read_text())
-    assert set(res["per_seed"]) == {"base", "softrepa", "agsm"}
-    for rows in res["per_seed"].values():
+    assert set(res["per_seed"]) == {"base", "base_cfg", "softrepa", "agsm"}
+    for cond, rows in res["per_seed"].items():
         assert 0 <= rows[0]["geneval_overall"] <= 1 and 0 <= rows[0]["align"] <= 1
+        assert ("general_geneval_overall" in rows[0]) == (cond != "base_cfg")  # generalisation rows
+    assert set(res["diagnostic"]) == {"colour", "shape", "count", "binding", "position"}
     text = (out / "report.md").read_text()
-    assert "| softrepa |" in text and "| agsm |" in text and "grid.png" in text
-    assert "| softrepa − base |" in text and "paired_delta" in res
+    for part in ("## Where the signal is", "## Main result", "## Generalisation", "## Settings that differ",
+                 "| SoftREPA |", "| AGSM |", "| base at CFG 6 |", "| SoftREPA − base |", "grid.png",
+                 "batch composition", "Paired change per seed"):
+        assert part in text, part
+    assert "paired_delta" in res
 
 
 def test_paired_deltas_and_missing_categories():
@@ -34,3 +39,47 @@ def test_paired_deltas_and_missing_categories():
     assert d["c"] == pytest.approx((0.4, 0.0))  # the seed where base had no such prompt is left out
     assert run.summarize(results["base"])["c"] == pytest.approx((0.2, 0.0))
     assert all(v != v for v in run.summarize([{"x": nan}])["x"])  # nothing measured: NaN, not an error
+
+
+def test_out_names_the_report_folder(tmp_path, monkeypatch):
+    from training.cli import main
+
+    seen = {}
+
+    def fake_run(out, size, model=None):
+        seen["out"] = out
+        return tmp_path
+
+    monkeypatch.setattr(run, "run_demo", fake_run)
+    main(["demo", "--smoke", "--out", str(tmp_path / "mine")])
+    assert seen["out"] == str(tmp_path / "mine")
+    seen.clear()
+    main(["demo", "--long"])
+    assert seen["out"] == "demo_long"
+
+
+def test_near_miss_batches_are_deterministic_groups_of_the_train_split():
+    import torch
+
+    from training.demo import world
+    from training.demo.batches import NearMissData
+
+    encode = lambda caps: torch.zeros(len(caps), 16, 8)  # noqa: E731
+    data = NearMissData(encode, seed=3)
+    train = set(world.split_specs("train"))
+    kinds = set()
+    for step in range(40):
+        specs = data.specs(step)
+        assert specs == data.specs(step) and len(specs) == 4 and set(specs) <= train
+        kinds.add(specs[0].kind)
+        if specs[0].kind == "relation":  # the same two objects, rearranged
+            assert len({frozenset(s.objects) | {frozenset()} for s in specs}) <= 3
+            assert len(set(specs)) == 4
+        else:
+            assert len({s.count for s in specs}) >= 3
+    assert kinds == {"count", "relation"}
+    x0, cond = data.batch(5)
+    assert x0.shape == (4, 12, 16, 16) and cond["context"].shape[0] == 4
+    assert torch.equal(data.batch(5)[0], x0)
+    with pytest.raises(ValueError, match="batch must be 4"):
+        NearMissData(encode, batch=8)

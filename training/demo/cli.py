@@ -18,10 +18,11 @@ def cmd_demo(args) -> int:
     if not args.pretrain:
         return _soft_token_demo(args)
     signal.signal(signal.SIGTERM, _interrupt)  # `kill` checkpoints and stops, like Ctrl-C
-    res = pretrain.train(args.out, steps=args.steps, minutes=args.minutes, resume=args.resume,
+    out = args.out or "demo_pretrain"
+    res = pretrain.train(out, steps=args.steps, minutes=args.minutes, resume=args.resume,
                          threads=args.threads, **({"batch": args.batch} if args.batch else {}))
     if res["done"]:
-        dest = pretrain.export(res["checkpoint"], Path(args.out) / "tiny_t2i")
+        dest = pretrain.export(res["checkpoint"], Path(out) / "tiny_t2i")
         print(f"exported EMA weights to {dest} (ship it by copying to {pretrain.ASSET_DIR})")
     return 0
 
@@ -35,7 +36,7 @@ def _soft_token_demo(args) -> int:
     if args.seeds:
         size = run.replace(size, seeds=tuple(range(args.seeds)))
     torch.set_num_threads(args.threads)
-    out = run.run_demo(args.report or ("demo_long" if args.long else "demo_report"), size, model=args.model)
+    out = run.run_demo(args.out or ("demo_long" if args.long else "demo_report"), size, model=args.model)
     print(f"report: {out / 'report.md'}")
     return 0
 
@@ -58,14 +59,14 @@ def add_parser(sub) -> None:
     """Register the ``demo`` subcommand on the CLI's subparsers."""
     d = sub.add_parser("demo", help="the embedded demo: train SoftREPA and AGSM tokens on a tiny text-to-image "
                                     "model and report the alignment gain (or pretrain/evaluate that model)")
-    d.add_argument("--report", help="report folder (default demo_report, or demo_long with --long)")
     d.add_argument("--smoke", action="store_true", help="a shortened run (about a minute) that writes every report file")
     d.add_argument("--long", action="store_true", help="the stability experiment: validation score over many "
                                                        "steps, SoftREPA against AGSM")
     d.add_argument("--seeds", type=int, help="number of seeds (default 3; 1 for --smoke and --long)")
     d.add_argument("--pretrain", action="store_true", help="(re)train the tiny model shipped in training/assets")
-    d.add_argument("--out", default="demo_pretrain", help="run folder for checkpoints and the export")
-    d.add_argument("--resume", action="store_true", help="continue the checkpoint in --out")
+    d.add_argument("--out", help="output folder: the report (default demo_report, or demo_long with --long), or "
+                                 "with --pretrain the run folder for checkpoints and the export (default demo_pretrain)")
+    d.add_argument("--resume", action="store_true", help="with --pretrain: continue the checkpoint in --out")
     d.add_argument("--steps", type=int, help="total optimizer steps (default: the recipe's)")
     d.add_argument("--minutes", type=float, help="stop this call after this much wall time (resume later)")
     d.add_argument("--batch", type=int, help="images per step (default: the recipe's)")
