@@ -1,6 +1,7 @@
 """Smoke test: bench/comfy_training.py --quick runs end to end on real ComfyUI (tiny UNet, 8x8 latents)."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -13,7 +14,7 @@ def test_quick_run(comfy):
     res = subprocess.run([sys.executable, script, "--quick"], capture_output=True, text=True, env=env, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     out = res.stdout
-    rows = [line.split() for line in out.splitlines() if line.startswith(("comfy ", "diffusers "))]
+    rows = [line.split() for line in out.splitlines() if re.match(r"(comfy|diffusers) +\d+ +\d+ ", line)]
     assert len(rows) == 8, out  # 2 backends x B in (4, 16) x chunk in (0, 16)
     losses = {}
     for row in rows:

@@ -197,3 +197,17 @@ def test_compute_dtype_decides_loss_scaling(comfy, pack):
     assert bf16.compute_dtype == torch.bfloat16
     assert not pack["trainer"]._computes_in_fp16(bf16)
     assert pack["trainer"]._computes_in_fp16(pack["backend"].ComfyBackend(model, tok, autocast_dtype=torch.float16))
+
+
+def test_training_attention_is_sdpa_on_the_clone_only(comfy, pack):
+    model = loaded(comfy, "sd15")
+    tok = pack["tokens"].SoftTokens(layout(pack, "sd15"))
+    cb = pack["backend"].ComfyBackend(model, tok)
+    to = cb.patcher.model_options["transformer_options"]
+    assert to["optimized_attention_override"] is pack["backend"]._sdpa_attention
+    assert "optimized_attention_override" not in model.model_options.get("transformer_options", {})
+    other = model.clone()
+    mine = lambda func, *a, **k: func(*a, **k)  # noqa: E731  (another pack's override)
+    other.model_options.setdefault("transformer_options", {})["optimized_attention_override"] = mine
+    cb2 = pack["backend"].ComfyBackend(other, tok)
+    assert cb2.patcher.model_options["transformer_options"]["optimized_attention_override"] is mine
