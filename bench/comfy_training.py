@@ -44,12 +44,12 @@ runs' single steps (fresh process, first step) are shown too, as a second opinio
 ``--quick`` (tiny UNet, 8x8 latents) runs everything in one subprocess, so its memory numbers
 are indicative only; it is a smoke run of ~20 s.
 
-ComfyUI on a CPU (``main.py --cpu``) uses its sub-quadratic attention by default (PyTorch SDPA
-is its default on NVIDIA GPUs); the harness imports ComfyUI the same way, so the comfy rows are
-what the Train node does on this machine. ``--comfy-attention pytorch`` starts ComfyUI with
-``--use-pytorch-cross-attention`` instead; by default the run ends with a diagnostic (no target)
-that does so at the smallest B, to separate the attention choice from the backend's own cost
-(``--no-diagnostic`` skips it).
+ComfyUI on a CPU (``main.py --cpu``) picks its sub-quadratic attention for inference (PyTorch
+SDPA is its default on NVIDIA GPUs); the training backend overrides attention with SDPA on its
+clone, so the comfy rows use SDPA either way (before that override they were 2x slower). The
+harness imports ComfyUI as ``main.py --cpu`` does; ``--comfy-attention pytorch`` starts it with
+``--use-pytorch-cross-attention`` instead, and by default the run ends with a diagnostic (no
+target) at the smallest B that does so (``--no-diagnostic`` skips it).
 
 Targets: peak memory growth B=4 -> B=16 <= 1.5x (per backend and chunk); comfy seconds per step
 / diffusers seconds per step <= 1.3x (per B and chunk). Each is printed with PASS or MISS.
