@@ -15,7 +15,10 @@ def load_checkpoint_file(path):
     """(MODEL, CLIP, VAE) of a single-file checkpoint, through ComfyUI's CheckpointLoaderSimple code."""
     import comfy.sd
 
-    out = comfy.sd.load_checkpoint_guess_config(str(path), output_vae=True, output_clip=True)
+    try:
+        out = comfy.sd.load_checkpoint_guess_config(str(path), output_vae=True, output_clip=True)
+    except RuntimeError as e:  # e.g. "Could not detect model type"
+        raise ValueError(f"{path}: ComfyUI could not load this checkpoint ({str(e).strip().splitlines()[0]})") from e
     model, clip, vae = out[:3]
     if model is None or clip is None or vae is None:
         raise ValueError(f"{path}: ComfyUI found no complete checkpoint (model, text encoder and VAE) in this file")

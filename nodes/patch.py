@@ -9,7 +9,8 @@ and training/tokens.py, the same code the diffusers backend uses.
 - MMDiT (SD3): a ``dit``/``double_block`` replace prepends (or appends) the tokens to the text
   stream, runs the original block (or the replace another pack installed before us), and
   strips them again; the last, ``pre_only`` block returns no text stream.
-- The timestep comes from sigma through the model's own ``model_sampling``.
+- The timestep comes from sigma through the model's own ``model_sampling``, read at call time
+  (so model-sampling nodes before or after Load Soft Tokens are both respected).
 
 Strength. 1 is the official behaviour. 0 installs nothing, so the output is bit-identical to
 the unpatched model. In between (and above 1) the soft tokens are inserted as usual and the
@@ -60,10 +61,10 @@ def model_facts(model) -> dict:
 class SoftTokenPatch(_Shared):
     """Per-model state of one soft-token patch: tokens on the right device, timestep, bias."""
 
-    def __init__(self, tokens: SoftTokens, model_sampling, strength: float, apply_to: str,
+    def __init__(self, tokens: SoftTokens, base_model, strength: float, apply_to: str,
                  project=None, set_index: int = 0):
         self.tokens, self.layout = tokens, tokens.layout
-        self.model_sampling, self.project, self.set_index = model_sampling, project, set_index
+        self.base_model, self.project, self.set_index = base_model, project, set_index
         self.strength, self.apply_to = float(strength), apply_to
         self.needs_bias = self.strength != 1.0 or apply_to != "both"
         self.pending = None  # (start, stop, expected key length, row bias) for the next attention
@@ -107,7 +108,9 @@ class SoftTokenPatch(_Shared):
             self._cache_sigmas, self._cache = sigmas, {}
         key = (layer, batch, like.device, like.dtype)
         if key not in self._cache:
-            t = self.model_sampling.timestep(sigmas).reshape(-1).float()
+            # Read at call time: a model-sampling node placed after this one object-patches the
+            # shared BaseModel while its clone samples, and the timestep must follow it.
+            t = self.base_model.model_sampling.timestep(sigmas).reshape(-1).float()
             if t.numel() != batch:
                 t = t.expand(batch) if t.numel() == 1 else t.repeat_interleave(batch // t.numel())
             tokens = self._tokens_on(like.device).layer_tokens(layer, t, self.set_index, self.project)
@@ -254,7 +257,7 @@ def install_soft_tokens(m, tokens: SoftTokens, strength: float = 1.0, apply_to: 
                          "only supported at strength 1 on both branches")
     dm = m.model.diffusion_model
     project = dm.context_embedder if tokens.layout.projected else None
-    patch = SoftTokenPatch(tokens, m.get_model_object("model_sampling"), strength, apply_to, project)
+    patch = SoftTokenPatch(tokens, m.model, strength, apply_to, project)
     if tokens.layout.family == UNET:
         m.set_model_attn2_patch(patch.attn2)
     else:

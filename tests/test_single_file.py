@@ -386,7 +386,8 @@ def test_cli_trains_on_a_single_file_checkpoint(tiny, data, tmp_path, capsys):
 
 def test_cli_source_errors(tiny, data, tmp_path, capsys):
     pipe, config, ckpt = tiny
-    common = ["train", "--data", str(data), "--method", "softrepa", "--out", str(tmp_path / "t.safetensors")]
+    common = ["train", "--data", str(data), "--method", "softrepa", "--out", str(tmp_path / "t.safetensors"),
+              "--backend", "diffusers"]  # the fallback without ComfyUI, also where COMFYUI_PATH is set
     for bad in ([], ["--model", str(pipe), "--ckpt", str(ckpt)]):  # neither / both
         with pytest.raises(SystemExit):
             cli_main(common + bad)

@@ -80,7 +80,8 @@ def add_train_parsers(sub) -> None:
     t = sub.add_parser("train", help="train soft tokens (SoftREPA or AGSM) on a local diffusers model")
     t.add_argument("--backend", choices=["auto", "comfy", "diffusers"], default="auto",
                    help="auto (default): with --ckpt, ComfyUI's loader and the Train node's code when ComfyUI is "
-                        "found (COMFYUI_PATH, or this pack in ComfyUI/custom_nodes), else diffusers")
+                        "found (COMFYUI_PATH, or this pack in ComfyUI/custom_nodes) and neither --config nor "
+                        "--dtype fp16 is given; else diffusers")
     _add_source_args(t, "local diffusers pipeline folder (denoiser, text encoders, VAE)")
     t.add_argument("--data", required=True, help="folder of images + .txt captions, a .jsonl manifest or a COCO captions .json")
     t.add_argument("--method", required=True, choices=["softrepa", "agsm"])
@@ -364,15 +365,15 @@ def _comfyui_root() -> Path | None:
 
 
 def _use_comfy(args) -> bool:
-    if args.backend == "diffusers" or not args.ckpt:
-        if args.backend == "comfy":
+    """--backend comfy, or auto with --ckpt and ComfyUI found (and no diffusers-only --config / fp16)."""
+    if args.backend == "comfy":
+        if not args.ckpt:
             raise ValueError("--backend comfy trains on a single-file checkpoint: pass --ckpt")
-        return False
-    if _comfyui_root() is None:
-        if args.backend == "comfy":
+        if _comfyui_root() is None:
             raise ValueError("--backend comfy needs ComfyUI: set COMFYUI_PATH to a ComfyUI checkout")
-        return False
-    return True
+        return True
+    return (args.backend == "auto" and bool(args.ckpt) and not args.config and args.dtype != "fp16"
+            and _comfyui_root() is not None)
 
 
 def _comfy_pack():
@@ -408,6 +409,7 @@ def _train_with_comfy(args) -> int:
     """--ckpt through ComfyUI's loader and the Train Soft Tokens node's run function."""
     source = _source(args)
     data = _existing(args.data, "dataset")
+    _source_arch(args, source)  # header checks (file type, supported family) before loading anything
     if args.val_data or args.config or args.dtype == "fp16":
         raise ValueError("with ComfyUI (--backend comfy/auto and --ckpt), --val-data, --config and --dtype fp16 are "
                          "not available; use --val-fraction, and --dtype fp32 or bf16 (or --backend diffusers)")

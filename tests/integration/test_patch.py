@@ -268,3 +268,37 @@ def test_comfy_and_diffusers_agree_mmdit(comfy, pack):
             inj.remove()
         ref = x - sigma[:, None, None, None] * v
         assert (denoised - ref).abs().max() <= 1e-4, width
+
+
+def test_timestep_follows_a_model_sampling_node_placed_after(comfy, pack, sd15_tokens):
+    """A model-sampling node after Load Soft Tokens (here zero-terminal-SNR sigmas) changes sigma -> t."""
+    import comfy.model_sampling as ms
+
+    model = comfy.tiny_sd15(seed=0)
+    patched = pack["patch"].apply_soft_tokens(model, sd15_tokens)
+
+    class ZSNR(ms.ModelSamplingDiscrete, ms.EPS):
+        pass
+
+    later = patched.clone()
+    zsnr = ZSNR(model.model.model_config, zsnr=True)
+    later.add_object_patch("model_sampling", zsnr)
+    seen = []
+    original = sd15_tokens.layer_tokens
+
+    def record(layer, t, *args, **kwargs):
+        seen.append(t.clone())
+        return original(layer, t, *args, **kwargs)
+
+    sd15_tokens.layer_tokens = record
+    try:
+        pos, neg = contexts(768)
+        _, calls = run(comfy, later, pos, neg, return_calls=True)
+    finally:
+        del sd15_tokens.layer_tokens
+    want = [zsnr.timestep(c["sigma"]).float() for c in calls]
+    assert len(seen) == len(calls)
+    for t, w in zip(seen, want):
+        assert torch.equal(t, w.expand_as(t))
+    old = model.get_model_object("model_sampling")
+    assert any(not torch.equal(old.timestep(c["sigma"]).float(), w) for c, w in zip(calls, want))
