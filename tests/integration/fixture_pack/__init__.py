@@ -52,5 +52,38 @@ class TinyCheckpoint:
         return comfy_env.tiny_checkpoint(family, seed=seed)
 
 
+def tiny_sdxl_checkpoint(seed=0, inference=True):
+    """(MODEL, CLIP, VAE) of a tiny SDXL-class model: comfy_env.tiny_sdxl (context 2048, ADM 2816) with ComfyUI's SDXL
+    text encoder pair shrunk to 3 layers (CLIP-L 768 + CLIP-G 1280 wide: cond (1, 77, 2048), pooled (1, 1280)) and a
+    tiny 4-channel VAE. Built like comfy_env.tiny_checkpoint; official SDXL soft tokens (4 x 2048) fit it."""
+    import comfy.sdxl_clip
+    import comfy.supported_models_base
+
+    with torch.inference_mode(inference):
+        model = comfy_env.tiny_sdxl(seed)
+    target = comfy.supported_models_base.ClipTarget(comfy.sdxl_clip.SDXLTokenizer, comfy.sdxl_clip.SDXLClipModel)
+    options = {"clip_l_model_config": comfy_env._clip_config(768, 3, 2, None),
+               "clip_g_model_config": comfy_env._clip_config(1280, 3, 2, None)}
+    clip = comfy_env._tiny_clip(target, options, seed, inference)
+    vae = comfy_env.tiny_vae(seed, latent_channels=4, inference=inference)
+    return model, clip, vae
+
+
+class TinySDXLCheckpoint:
+    """(MODEL, CLIP, VAE) of a tiny SDXL-class model (tiny_sdxl_checkpoint)."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"seed": ("INT", {"default": 0})}}
+
+    RETURN_TYPES = ("MODEL", "CLIP", "VAE")
+    FUNCTION = "load"
+    CATEGORY = "_for_testing/soft tokens"
+
+    def load(self, seed):
+        return tiny_sdxl_checkpoint(seed)
+
+
 NODE_CLASS_MAPPINGS = {"SoftTokensTestTinySD15": TinySD15, "SoftTokensTestConditioning": RandomConditioning,
-                       "SoftTokensTestTinyCheckpoint": TinyCheckpoint}
+                       "SoftTokensTestTinyCheckpoint": TinyCheckpoint,
+                       "SoftTokensTestTinySDXLCheckpoint": TinySDXLCheckpoint}
