@@ -381,19 +381,27 @@ def lora_sdxl():
                    lora=SDXL_LORA, prefix="soft_tokens_lora")
 
 
-def compare_sd15():
-    """Same prompt, latent and seed through the model with and without tokens, stitched into one image."""
-    g = Graph()
+def sd15_shared_seed_loaders(g, note_text):
+    """Column 1 of the multi-sampler SD1.5 graphs: checkpoint, a 512 px latent, one shared seed and the Note
+    (title, text, closing line) listing the checkpoint and the official SoftREPA tokens."""
+    title, text, closing = note_text
     c_load = g.column("1. Load", "load")
     ckpt_n = checkpoint(g, c_load, SD15)
     latent = empty_latent(g, c_load, 512, 512)
     seed = seed_node(g, c_load)
-    note(g, c_load, files_note(
+    note(g, c_load, files_note(title, text, [ckpt_file(SD15, "SD1.5"), official_tokens("softrepa-sd1.5/", "sd1.5")],
+                               closing))
+    return ckpt_n, latent, seed
+
+
+def compare_sd15():
+    """Same prompt, latent and seed through the model with and without tokens, stitched into one image."""
+    g = Graph()
+    ckpt_n, latent, seed = sd15_shared_seed_loaders(g, (
         "With and without soft tokens, side by side (SD1.5)",
         "One prompt, one empty latent and one seed feed two KSamplers: the top one samples the plain "
         "checkpoint, the bottom one the checkpoint with soft tokens. The saved image shows both: left without "
         "tokens, right with tokens. Change the seed or the prompt once; both samplers follow.",
-        [ckpt_file(SD15, "SD1.5"), official_tokens("softrepa-sd1.5/", "sd1.5")],
         "Any token file works here, e.g. your own from the training workflow."))
     c_cond = g.column("2. Prompt and soft tokens", "condition")
     load = load_tokens(g, c_cond, ckpt_n, "softrepa-sd1.5/")
@@ -416,17 +424,12 @@ SWEEP = (0.0, 0.5, 1.0, 1.5)
 def sweep_sd15():
     """One token file at strengths 0, 0.5, 1 and 1.5 (same prompt, latent and seed) in a 2 x 2 grid."""
     g = Graph()
-    c_load = g.column("1. Load", "load")
-    ckpt_n = checkpoint(g, c_load, SD15)
-    latent = empty_latent(g, c_load, 512, 512)
-    seed = seed_node(g, c_load)
-    note(g, c_load, files_note(
+    ckpt_n, latent, seed = sd15_shared_seed_loaders(g, (
         "Strength sweep (SD1.5)",
         "Load Soft Tokens reads the tokens once; four Apply Soft Tokens nodes put them into the checkpoint at "
         "strength 0, 0.5, 1 and 1.5. Four KSamplers with the same prompt, latent and seed sample one model each, "
         "and the images go into one grid: 0 | 0.5 on top, 1 | 1.5 below. Strength 0 is exactly the model without "
         "tokens; 1 is the official behaviour; above 1 amplifies.",
-        [ckpt_file(SD15, "SD1.5"), official_tokens("softrepa-sd1.5/", "sd1.5")],
         "Change a strength on its Apply Soft Tokens node (0 to 3)."))
     c_cond = g.column("2. Prompt and soft tokens", "condition")
     load = load_tokens(g, c_cond, ckpt_n, "softrepa-sd1.5/")
