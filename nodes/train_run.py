@@ -9,15 +9,13 @@ layout, the ComfyUI backend and the engine's ``Trainer`` and runs it.
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ..training.checkpoint import RunFiles, load_checkpoint, numbered_run
-from ..training.datasets import Batch, split_dataset
-from ..training.formats import load_tokens
+from ..training.datasets import split_dataset
 from ..training.layouts import TokenLayout, default_blocks, parse_blocks, uses_time_table
 from ..training.tokens import SoftTokens
 from ..training.trainer import RESUME_MUTABLE, DatasetData, TrainConfig, Trainer, bos_init
@@ -168,11 +166,9 @@ class _LatentIn(DatasetData):
 
 
 def val_pairs(data: EncodedDataset, dataset, limit: int, latent_in) -> tuple:
-    """(x0, cond) of the first ``limit`` images of ``dataset`` with their first captions."""
-    idx = tuple(dataset.valid()[:limit])
-    batch = Batch(0, 0, idx, (0,) * len(idx), tuple(dataset.caption(i, 0) for i in idx))
-    mean, _, batch = data.cache.moments(dataset, batch)
-    return latent_in(mean), data.cache.text(batch.captions)
+    """(x0, cond) of the first ``limit`` images of ``dataset`` with their first captions, in the model's space."""
+    x0, cond = data.cache.first_caption_pairs(dataset, limit)
+    return latent_in(x0), cond
 
 
 def train_on_model(model, data: EncodedDataset, plan: Plan, on_step=None, progress: bool = False):
@@ -202,18 +198,3 @@ def train_on_model(model, data: EncodedDataset, plan: Plan, on_step=None, progre
 def model_identity(model) -> str:
     """The base-model identifier stored with trained tokens: model class and a weight fingerprint."""
     return f"{type(model.model).__name__}:{fingerprint(model.model.diffusion_model)}"
-
-
-def trained_tokens(files: RunFiles):
-    """The token file a run wrote, read back (its metadata holds the whole training record)."""
-    return load_tokens(files.out)
-
-
-def final_scores(result) -> dict:
-    """Last validation scores and the best, for metadata and UI text."""
-    val = result.history.get("val") or []
-    return {"last": val[-1] if val else None, "best": result.best}
-
-
-def scores_json(result) -> str:
-    return json.dumps(final_scores(result), default=str)

@@ -173,6 +173,14 @@ class EncodeCache:
                               else dataset.entries[i].captions[:1]))
         return [c for c in caps if self._get("text", self.text_key(c)) is None]
 
+    def first_caption_pairs(self, dataset: CaptionDataset, limit: int) -> tuple:
+        """(latent means, Cond) of the first ``limit`` usable images with their first captions
+        (validation and scoring pairs; unreadable images are replaced as in ``moments``)."""
+        idx = tuple(dataset.valid()[:limit])
+        batch = Batch(0, 0, idx, (0,) * len(idx), tuple(dataset.caption(i, 0) for i in idx))
+        mean, _, batch = self.moments(dataset, batch)
+        return mean, self.text(batch.captions)
+
     # --- what the trainer calls ---
     def batch(self, dataset: CaptionDataset, batch: Batch, generator: torch.Generator | None = None,
               device=None) -> tuple:

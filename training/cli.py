@@ -265,16 +265,6 @@ def _load_ckpt(args):
                             autocast_dtype=None if args.dtype == "fp32" else args.dtype)
 
 
-def _pairs(cache, dataset, limit: int):
-    """(x0 means, cond) of the first ``limit`` images of ``dataset`` with their first captions."""
-    from .datasets import Batch
-
-    idx = tuple(dataset.valid()[:limit])
-    batch = Batch(0, 0, idx, (0,) * len(idx), tuple(dataset.caption(i, 0) for i in idx))
-    mean, _, batch = cache.moments(dataset, batch)
-    return mean, cache.text(batch.captions)
-
-
 def cmd_train(args) -> int:
     from .checkpoint import RunFiles
 
@@ -324,7 +314,7 @@ def cmd_train(args) -> int:
     val = None
     if val_ds is not None:
         cache.prepare(val_ds)
-        val = _pairs(cache, val_ds, args.val_limit)
+        val = cache.first_caption_pairs(val_ds, args.val_limit)
         print(f"validation: {val[0].shape[0]} held-out pairs")
     init = bos_init(encoders.encode_text([""])["context"]) if arch == "sd15" else None
     meta = {("ckpt" if args.ckpt else "model"): str(source), "data": str(data), "arch": arch, "dtype": args.dtype,
@@ -451,7 +441,7 @@ def cmd_score(args) -> int:
     tokens = load_tokens(args.tokens) if args.tokens else None
     backend, encoders = _load(args)
     ds = open_dataset(data, size=args.size, caption_mode="first")
-    x0, cond = _pairs(EncodeCache(encoders, root=args.cache), ds, args.limit)
+    x0, cond = EncodeCache(encoders, root=args.cache).first_caption_pairs(ds, args.limit)
     res = alignment_score(backend, tokens, x0, cond, group=args.group, ts=ts, seed=args.seed, chunk=args.chunk)
     print(json.dumps(res, indent=1) if args.json else format_score(res))
     return 0

@@ -2,7 +2,6 @@
 under inference mode as a loader node builds them: dataset, encode, train, save, score, plot."""
 
 import os
-import threading
 
 import numpy as np
 import pytest
@@ -142,7 +141,7 @@ def test_empty_dataset_is_an_error_before_encoding(nodes, dirs):
 
 def fixed_loss(comfy_mods, model, enc, tokens, ts=(200, 500, 800)):
     """SoftREPA loss (tau 1) of the training images at fixed t and noise: lower = better separation."""
-    run, data = comfy_mods["run"], comfy_mods["data"]
+    run = comfy_mods["run"]
     from soft_tokens_pack.nodes.comfy_backend import ComfyBackend
     from soft_tokens_pack.training.objectives import softrepa_loss
     from soft_tokens_pack.training.pairs import pair_errors
@@ -289,8 +288,6 @@ def test_bad_inputs_fail_before_heavy_work(nodes, mods, dirs, sd15, sd3, monkeyp
         with pytest.raises(ValueError, match=msg):
             train(nodes, sd15[0], kw.pop("dataset", enc15), **kw)
     assert not calls and not os.listdir(folder)
-    # a model that already carries soft tokens
-    tok = mods["formats"].load_tokens  # noqa: F841 (keeps the import list short)
     # an unsupported sampling type
     import comfy.model_sampling as ms
 

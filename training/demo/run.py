@@ -30,7 +30,6 @@ import numpy as np
 import torch
 
 from ..diffusers_backend import DiffusersBackend
-from ..formats import save_tokens
 from ..layouts import TokenLayout
 from ..pairs import pair_errors
 from ..score import alignment_score
