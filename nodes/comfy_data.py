@@ -25,6 +25,7 @@ from ..training.cache import EncodeCache
 from ..training.checkpoint import safe_subfolder
 from ..training.datasets import CaptionDataset, open_dataset
 from ..training.encoders import Encoders
+from .patch import model_facts
 
 OUTSIDE = "image outside the dataset folder"
 
@@ -140,8 +141,6 @@ class EncodedDataset:
 
     def check_model(self, model) -> None:
         """ValueError when this dataset was encoded for a model that cannot take it."""
-        from .patch import model_facts
-
         f = model_facts(model)
         base = model.model
         want_ctx = f["embed_width"] if f["family"] == "mmdit" else f["text_width"]

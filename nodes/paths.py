@@ -30,32 +30,32 @@ def token_folder() -> str:
     return os.path.join(folder_paths.models_dir, FOLDER)
 
 
-def list_checkpoints() -> list[str]:
-    """Training checkpoints (*.ckpt.pt) in the soft_tokens folders, for resuming."""
-    found = set()
+def _walk():
+    """(path relative to its soft_tokens folder, dirpath, filenames) of every visible folder in them."""
     for root in folder_paths.get_folder_paths(FOLDER):
+        if not os.path.isdir(root):
+            continue
         for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            rel = os.path.relpath(dirpath, root)
-            found.update(os.path.normpath(os.path.join(rel, f)).replace(os.sep, "/")
-                         for f in filenames if f.endswith(".ckpt.pt") and not f.startswith("."))
-    return sorted(found)
+            yield os.path.relpath(dirpath, root), dirpath, [f for f in filenames if not f.startswith(".")]
+
+
+def _entry(rel: str, name: str = "") -> str:
+    return os.path.normpath(os.path.join(rel, name)).replace(os.sep, "/")
+
+
+def list_checkpoints() -> list[str]:
+    """Training checkpoints (*.ckpt.pt) in the soft_tokens folders, for resuming."""
+    return sorted({_entry(rel, f) for rel, _, files in _walk() for f in files if f.endswith(".ckpt.pt")})
 
 
 def list_token_files() -> list[str]:
     """Dropdown entries: .safetensors token files, and official folders as one entry each."""
     found = set()
-    for root in folder_paths.get_folder_paths(FOLDER):
-        if not os.path.isdir(root):
-            continue
-        for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-            rel = os.path.relpath(dirpath, root)
-            if rel != "." and is_official_folder(dirpath):
-                found.add(rel.replace(os.sep, "/") + "/")
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            for f in filenames:
-                if os.path.splitext(f)[1].lower() in EXTENSIONS and not f.startswith("."):
-                    found.add(os.path.normpath(os.path.join(rel, f)).replace(os.sep, "/"))
+    for rel, dirpath, files in _walk():
+        if rel != "." and is_official_folder(dirpath):
+            found.add(_entry(rel) + "/")
+        found.update(_entry(rel, f) for f in files if os.path.splitext(f)[1].lower() in EXTENSIONS)
     return sorted(found)
 
 

@@ -290,16 +290,10 @@ class LossScaler:
             self.growth_tracker = 0
 
     def state_dict(self) -> dict:
-        return {"enabled": self.enabled, "scale": self.scale, "growth_factor": self.growth_factor,
-                "backoff_factor": self.backoff_factor, "growth_interval": self.growth_interval,
-                "min_scale": self.min_scale, "growth_tracker": self.growth_tracker, "overflows": self.overflows}
+        return dict(vars(self))
 
     def load_state_dict(self, state: dict) -> None:
-        self.enabled = bool(state["enabled"])
-        self.scale = float(state["scale"])
-        self.growth_factor, self.backoff_factor = float(state["growth_factor"]), float(state["backoff_factor"])
-        self.growth_interval, self.min_scale = int(state["growth_interval"]), float(state["min_scale"])
-        self.growth_tracker, self.overflows = int(state["growth_tracker"]), int(state["overflows"])
+        self.__dict__.update(state)
 
 
 # --- the trainer --------------------------------------------------------------------------
