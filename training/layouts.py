@@ -165,6 +165,12 @@ class TokenLayout:
         start = {"after_bos": 1, "prepend": 0, "append": n_text}[self.position]
         return start, start + m
 
+    def text_positions(self, n_text: int) -> torch.Tensor:
+        """Indices (n_text,) where the original text positions sit after ``insert`` (soft tokens skipped)."""
+        start, stop = self.token_span(n_text)
+        idx = torch.arange(n_text)
+        return torch.where(idx >= start, idx + (stop - start), idx)
+
     # --- compatibility with a loaded model -----------------------------------------------
     def check_model(self, family: str, text_width: int, n_blocks: int | None = None,
                     embed_width: int | None = None, name: str = "token file") -> None:
