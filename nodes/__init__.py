@@ -4,9 +4,10 @@ from comfy_api.latest import ComfyExtension, io
 
 from .loader_nodes import ApplySoftTokens, LoadSoftTokens
 from .paths import register_folder
+from .refine_nodes import NODES as REFINE_NODES
 from .train_nodes import NODES as TRAIN_NODES
 
-NODES = [LoadSoftTokens, ApplySoftTokens, *TRAIN_NODES]
+NODES = [LoadSoftTokens, ApplySoftTokens, *TRAIN_NODES, *REFINE_NODES]
 
 
 class SoftTokensExtension(ComfyExtension):
