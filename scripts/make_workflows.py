@@ -41,10 +41,14 @@ NODE_TYPES = {
     "LoadSoftTokens": ([("model", "MODEL")], [("MODEL", "MODEL"), ("soft_tokens", "SOFT_TOKENS")], (210, 150)),
     "ApplySoftTokens": ([("model", "MODEL"), ("soft_tokens", "SOFT_TOKENS")], [("MODEL", "MODEL")], (210, 102)),
     "CLIPTextEncode": ([("clip", "CLIP")], [("CONDITIONING", "CONDITIONING")], (211, 88)),
+    "SoftTokensEncodeWithSubjects": ([("clip", "CLIP")], [("CONDITIONING", "CONDITIONING")], (294, 112)),
     "EmptyLatentImage": ([], [("LATENT", "LATENT")], (210, 106)),
     "EmptySD3LatentImage": ([], [("LATENT", "LATENT")], (210, 106)),
     "KSampler": ([("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
                   ("latent_image", "LATENT")], [("LATENT", "LATENT")], (210, 262)),
+    "KSamplerStepSelectedRefinement": ([("model", "MODEL"), ("positive", "CONDITIONING"),
+                                        ("negative", "CONDITIONING"), ("latent_image", "LATENT")],
+                                       [("LATENT", "LATENT")], (278, 430)),
     "VAEDecode": ([("samples", "LATENT"), ("vae", "VAE")], [("IMAGE", "IMAGE")], (140, 46)),
     "ImageStitch": ([("image1", "IMAGE"), ("image2", "IMAGE")], [("IMAGE", "IMAGE")], (210, 150)),
     "SaveImage": ([("images", "IMAGE")], [], (210, 58)),
@@ -208,8 +212,14 @@ def seed_node(g, col, seed=42):
     return g.node("PrimitiveInt", col, [seed, "fixed"], title="seed (all samplers)", size=(W_LOAD, 82))
 
 
-def prompts(g, col, clip_src, clip_slot, positive, negative=""):
-    pos = g.node("CLIPTextEncode", col, [positive], title="Positive prompt", size=(W_COND, 140), color="positive")
+def prompts(g, col, clip_src, clip_slot, positive, negative="", subjects=None):
+    """Positive and negative prompt; subjects= (e.g. "cat, dog"): the positive through CLIP Text Encode (Refinement
+    Subjects), which the step-selected refinement needs."""
+    if subjects is None:
+        pos = g.node("CLIPTextEncode", col, [positive], title="Positive prompt", size=(W_COND, 140), color="positive")
+    else:
+        pos = g.node("SoftTokensEncodeWithSubjects", col, [positive, subjects], title="Positive prompt and subjects",
+                     size=(W_COND, 164), color="positive")
     neg = g.node("CLIPTextEncode", col, [negative], title="Negative prompt", size=(W_COND, 100), color="negative")
     g.link(clip_src, clip_slot, pos, "clip")
     g.link(clip_src, clip_slot, neg, "clip")
@@ -222,11 +232,20 @@ def load_tokens(g, col, model_src, token_file, strength=1.0):
     return load
 
 
-def ksampler(g, col, model, pos, neg, latent, settings, seed=None, title=None, align=None, width=W_SAMPLE):
-    """KSampler; settings = (seed, steps, cfg, sampler, scheduler); seed= a PrimitiveInt node shared by samplers."""
+# KSampler (Step-Selected Refinement)'s own widgets at their defaults: refine_at (-1: the model's default step),
+# iterations, step_size, loss, smoothing, attention_downscale, refine_step (-1: use refine_at).
+REFINE_DEFAULTS = (-1.0, 20, 20.0, "cn+iou", True, 4, -1)
+
+
+def ksampler(g, col, model, pos, neg, latent, settings, seed=None, title=None, align=None, width=W_SAMPLE,
+             refine=None):
+    """KSampler; settings = (seed, steps, cfg, sampler, scheduler); seed= a PrimitiveInt node shared by samplers;
+    refine= the refinement widgets (REFINE_DEFAULTS): KSampler (Step-Selected Refinement) instead."""
     s_seed, steps, cfg, sampler, scheduler = settings
-    ks = g.node("KSampler", col, [s_seed, "fixed", steps, cfg, sampler, scheduler, 1.0], title=title,
-                size=(width, 262), align=align)
+    type_, widgets = "KSampler", [s_seed, "fixed", steps, cfg, sampler, scheduler, 1.0]
+    if refine is not None:
+        type_, widgets = "KSamplerStepSelectedRefinement", widgets + list(refine)
+    ks = g.node(type_, col, widgets, title=title, size=(width, NODE_TYPES[type_][2][1]), align=align)
     g.link(model, 0, ks, "model")
     g.link(pos, 0, ks, "positive")
     g.link(neg, 0, ks, "negative")
@@ -294,6 +313,7 @@ SDXL_LORA = "sd_xl_offset_example-lora_1.0.safetensors"
 
 SD15_PROMPT = "three red apples and a blue cup on a wooden table"
 SD15_SETTINGS = (0, 30, 7.0, "ddim", "ddim_uniform")
+REFINE_PROMPT, REFINE_SUBJECTS = "a photo of a cat and a dog", "cat, dog"
 SDXL_SETTINGS = (0, 30, 7.0, "ddim", "ddim_uniform")
 SD3_SETTINGS = (0, 28, 4.0, "euler", "sgm_uniform")
 
@@ -415,6 +435,36 @@ def compare_sd15():
     c_out = g.column("4. Side by side", "output")
     grid = stitch(g, c_out, d_base, d_tok, title="without | with tokens", width=W_OUT)
     save(g, c_out, grid, "soft_tokens_compare", size=(W_OUT, 300))
+    return g.to_json()
+
+
+def refine_sd15():
+    """Step-selected refinement next to the plain KSampler (same model, prompt, latent and seed), side by side."""
+    g = Graph()
+    ckpt_n, latent, seed = sd15_shared_seed_loaders(g, (
+        "Step-selected refinement vs the plain KSampler (SD1.5)",
+        "One two-subject prompt, one empty latent and one seed feed two samplers on the same model with soft "
+        "tokens: the top one is the core KSampler, the bottom one KSampler (Step-Selected Refinement). The "
+        "refinement pauses sampling at one step (refine_at -1: the paper's step, 0.16 of the way), nudges the "
+        "latent so that each subject gets its own attention peak, and sampling goes on. The saved image shows "
+        "both: left the plain KSampler, right with refinement. Change the seed or the prompt once; both samplers "
+        "follow.",
+        "The positive prompt goes through CLIP Text Encode (Refinement Subjects): list the prompt's subject words "
+        "under 'subjects', separated by commas. iterations 0 gives exactly the plain KSampler's image; each "
+        "iteration costs one forward and backward pass of the model."))
+    c_cond = g.column("2. Prompt and soft tokens", "condition")
+    load = load_tokens(g, c_cond, ckpt_n, "softrepa-sd1.5/")
+    pos, neg = prompts(g, c_cond, ckpt_n, 1, REFINE_PROMPT, subjects=REFINE_SUBJECTS)
+    c_sample = g.column("3. Sample", "sample")
+    base = ksampler(g, c_sample, load, pos, neg, latent, SD15_SETTINGS, seed=seed, title="KSampler: plain")
+    ref = ksampler(g, c_sample, load, pos, neg, latent, SD15_SETTINGS, seed=seed, refine=REFINE_DEFAULTS,
+                   title="KSampler: step-selected refinement")
+    c_dec = g.column("3. Sample", "sample")
+    d_base = decode(g, c_dec, base, ckpt_n, align=base, width=160)
+    d_ref = decode(g, c_dec, ref, ckpt_n, align=ref, width=160)
+    c_out = g.column("4. Side by side", "output")
+    grid = stitch(g, c_out, d_base, d_ref, title="plain | refined", width=W_OUT)
+    save(g, c_out, grid, "soft_tokens_refine", size=(W_OUT, 300))
     return g.to_json()
 
 
@@ -545,6 +595,7 @@ WORKFLOWS = {
     "soft_tokens_lora_sdxl": (lora_sdxl, "a LoRA and soft tokens on one model"),
     "soft_tokens_train_sd15": (train_sd15, "train tokens on a captioned folder, save them, sample with them"),
     "soft_tokens_score_sd15": (score_sd15, "alignment score with and without tokens on held-out images"),
+    "soft_tokens_refine_sd15": (refine_sd15, "step-selected refinement next to the plain KSampler, side by side"),
 }
 
 

@@ -54,7 +54,7 @@ def test_every_use_has_an_example():
     names = {os.path.basename(p)[:-5] for p in WORKFLOWS}
     assert {"soft_tokens_sd15", "soft_tokens_sdxl", "soft_tokens_sd3", "soft_tokens_agsm_sd15",
             "soft_tokens_compare_sd15", "soft_tokens_strength_sweep_sd15", "soft_tokens_train_sd15",
-            "soft_tokens_score_sd15", "soft_tokens_lora_sdxl"} <= names, names
+            "soft_tokens_score_sd15", "soft_tokens_lora_sdxl", "soft_tokens_refine_sd15"} <= names, names
 
 
 def test_every_workflow_has_a_thumbnail():

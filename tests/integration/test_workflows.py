@@ -23,7 +23,7 @@ from workflow_env import NAMES, PACK_NAME, SDXL_LORA, load, start_workflow_serve
 
 # Executed in this order: workflows of one family share the cached tiny model.
 EXECUTED = ["soft_tokens_sd15", "soft_tokens_agsm_sd15", "soft_tokens_compare_sd15", "soft_tokens_strength_sweep_sd15",
-            "soft_tokens_score_sd15", "soft_tokens_train_sd15", "soft_tokens_sdxl", "soft_tokens_lora_sdxl",
+            "soft_tokens_refine_sd15", "soft_tokens_score_sd15", "soft_tokens_train_sd15", "soft_tokens_sdxl", "soft_tokens_lora_sdxl",
             "soft_tokens_sd3"]
 
 
@@ -197,6 +197,17 @@ def test_sweep_is_one_grid_of_four_strengths(server, run):
     # strength 0 is the model without tokens: the same image as the comparison's left half (same seed 42)
     without = the_image(server, run, "soft_tokens_compare_sd15")[:, :64]
     assert np.array_equal(tiles[0], without)
+
+
+def test_refine_puts_plain_and_refined_side_by_side(server, run):
+    image = the_image(server, run, "soft_tokens_refine_sd15")
+    assert image.shape == (64, 64 + 16 + 64, 3)  # plain KSampler | 16 px gap | step-selected refinement
+    plain, refined = image[:, :64], image[:, 80:]
+    assert (image[:, 64:80] == 255).all()
+    assert np.abs(plain - refined).max() > 8  # the refinement moves the latent; same model, prompt, seed and latent
+    # with 0 iterations the refinement sampler is the core KSampler: both halves agree exactly
+    off = the_image(server, run, "soft_tokens_refine_sd15", KSamplerStepSelectedRefinement={"iterations": 0})
+    assert np.array_equal(off[:, :64], off[:, 80:]) and np.array_equal(off[:, :64], plain)
 
 
 def test_lora_and_tokens_chain(server, run):

@@ -36,6 +36,8 @@ SDXL_LORA = "sd_xl_offset_example-lora_1.0.safetensors"
 # What makes the graphs quick on tiny models (all nodes of a type).
 SMALL = {"EmptyLatentImage": {"width": 64, "height": 64}, "EmptySD3LatentImage": {"width": 64, "height": 64},
          "KSampler": {"steps": 2}, "LoadCaptionedImages": {"resolution": 64},
+         # the tiny SD1.5-class UNet has cross-attention at latent / 1 and / 2 only (none at latent / 4)
+         "KSamplerStepSelectedRefinement": {"steps": 2, "iterations": 2, "attention_downscale": 2},
          "TrainSoftTokens": {"steps": 4, "batch": 2, "validation_fraction": 0.34, "validate_every": 2,
                              "save_every": 2},
          "SoftTokenAlignmentScore": {"pairs": 8}}
