@@ -17,10 +17,10 @@ def test_smoke_demo_writes_every_report_file(tmp_path):
         tok = load_tokens(out / "tokens" / f"{method}_seed0.safetensors")
         assert tok.layout.method == method
     res = json.loads((out / "results.json").read_text())
-    assert set(res["per_seed"]) == {"base", "base_cfg", "softrepa", "agsm"}
+    assert set(res["per_seed"]) == {"base", "base_cfg", "softrepa", "agsm", "refine", "both"}
     for cond, rows in res["per_seed"].items():
         assert 0 <= rows[0]["geneval_overall"] <= 1 and 0 <= rows[0]["align"] <= 1
-        assert ("general_geneval_overall" in rows[0]) == (cond != "base_cfg")  # generalisation rows
+        assert ("general_geneval_overall" in rows[0]) == (cond in ("base", "softrepa", "agsm"))  # generalisation rows
     assert set(res["diagnostic"]) == {"colour", "shape", "count", "binding", "position"}
     text = (out / "report.md").read_text()
     for part in ("## Where the signal is", "## Main result", "## Generalisation", "## Settings that differ",

@@ -1,4 +1,4 @@
-"""Command line: ``python -m training {convert,info,demo,train,score} ...``."""
+"""Command line: ``python -m training {convert,info,demo,refine-sweep,train,score} ...``."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from .demo.cli import add_parser as demo_parser
+from .demo.cli import add_refine_sweep_parser
 from .formats import load_tokens, save_tokens, train_config_of
 from .layouts import ARCH_FAMILY, TIME_TABLE_CHOICES, TokenLayout, default_blocks, parse_blocks, uses_time_table
 
@@ -64,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("path")
     i.set_defaults(fn=cmd_info)
     demo_parser(sub)
+    add_refine_sweep_parser(sub)
     add_train_parsers(sub)
     return p
 

@@ -79,3 +79,49 @@ def add_parser(sub) -> None:
     d.add_argument("--sample-steps", type=int, default=25, help="DDIM steps for --eval (default 25)")
     d.add_argument("--cfg", type=float, default=3.0, help="guidance scale for --eval (default 3)")
     d.set_defaults(fn=cmd_demo)
+
+
+def cmd_refine_sweep(args) -> int:
+    """Validation sweep of the refinement step: GenEval-mini per candidate step and without refinement."""
+    from .refinement import parse_steps, settings_with  # light: no diffusers
+
+    steps = parse_steps(args.steps, args.sample_steps)  # bad input fails before any model is loaded
+    settings = settings_with(iterations=args.iterations, loss=args.loss, scale=args.step_size)
+    if args.seeds < 1 or args.n < 1:
+        raise ValueError(f"--seeds and --n must be >= 1, got {args.seeds}, {args.n}")
+
+    import torch
+
+    from .refinement import run_sweep
+
+    torch.set_num_threads(args.threads)
+    res = run_sweep(args.out, steps, seeds=args.seeds, n=args.n, settings=settings, sample_steps=args.sample_steps,
+                    cfg=args.cfg, model=args.model, progress=not args.no_progress)
+    st = res["mean_std"]
+    print(f"baseline overall {st['baseline']['overall'][0]:.3f} ± {st['baseline']['overall'][1]:.3f}; best step "
+          f"{res['best_step']} overall {st[str(res['best_step'])]['overall'][0]:.3f} ± "
+          f"{st[str(res['best_step'])]['overall'][1]:.3f}")
+    print(f"wrote {args.out}/sweep.md, sweep.json, sweep.png")
+    return 0
+
+
+def add_refine_sweep_parser(sub) -> None:
+    """Register the ``refine-sweep`` subcommand (step selection on the demo's validation prompts)."""
+    r = sub.add_parser("refine-sweep", help="choose the step-selected refinement step: GenEval-mini of the tiny demo "
+                                            "model with refinement at each candidate step vs none, on validation prompts")
+    r.add_argument("--steps", help="candidate step indices of the DDIM schedule, e.g. '0,2,4' or '0-11' "
+                                   "(default: every step)")
+    r.add_argument("--seeds", type=int, default=3, help="seeds (prompt draws and noise; default 3)")
+    r.add_argument("--n", type=int, default=128, help="validation prompts per seed (default 128)")
+    r.add_argument("--iterations", type=int, help="IterRef iterations at the step (default: the demo's, 10)")
+    r.add_argument("--step-size", type=float, help="scale of the step size alpha_i = scale * sqrt(linspace(1, 0.5, "
+                                                   "steps)[i]) (default: the demo's, 200; Attend-and-Excite's is 20)")
+    r.add_argument("--loss", choices=["cn", "iou", "cn+iou"], help="attention-map loss (default: the demo's, cn+iou)")
+    r.add_argument("--sample-steps", type=int, default=12, help="DDIM steps (default 12, the demo's)")
+    r.add_argument("--cfg", type=float, default=3.0, help="guidance scale (default 3, the demo's)")
+    r.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    r.add_argument("--model", help="tiny_t2i folder (default: the shipped training/assets/tiny_t2i)")
+    r.add_argument("--out", default="refine_sweep", help="output folder for sweep.md, sweep.json, sweep.png "
+                                                         "(default refine_sweep)")
+    r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    r.set_defaults(fn=cmd_refine_sweep)

@@ -302,7 +302,7 @@ def ddim_timesteps(steps: int) -> list:
 
 @torch.no_grad()
 def sample(unet, encode, prompts, seed: int = 0, steps: int = 25, cfg: float = 3.0,
-           tokens_injector=None, batch: int = 128) -> torch.Tensor:
+           tokens_injector=None, batch: int = 128, refine=None) -> torch.Tensor:
     """DDIM (eta = 0) with classifier-free guidance; returns images (N, 3, 32, 32) in [-1, 1].
 
     The loop runs on latents (N, 12, 16, 16); the result is decoded with ``latents_to_images``.
@@ -311,9 +311,16 @@ def sample(unet, encode, prompts, seed: int = 0, steps: int = 25, cfg: float = 3
     forward hooks such as an installed ``TokenInjector`` act on both branches.
     ``tokens_injector`` may be a context manager (e.g. ``injector.using(tokens)``), entered
     around the whole loop; an installed injector needs nothing. Noise depends on seed only.
+
+    refine: an optional hook (e.g. ``refinement.Refiner``) with a ``step`` index:
+    ``refine.prepare(prompts, steps)`` runs before sampling (it checks its input), and at step
+    index ``refine.step`` the latent of each batch becomes ``refine(x, t, batch_prompts,
+    conditional_context)`` before that step's CFG denoising.
     """
     prompts = list(prompts)
     ts = ddim_timesteps(steps)
+    if refine is not None:
+        refine.prepare(prompts, steps)
     dev = next(unet.parameters()).device
     abar = alphas_cumprod().float().to(dev)
     size = unet.config.sample_size
@@ -328,6 +335,8 @@ def sample(unet, encode, prompts, seed: int = 0, steps: int = 25, cfg: float = 3
             n = len(x)
             c = torch.cat([uncond.expand(n, -1, -1), encode(prompts[i:i + batch])])
             for k, t in enumerate(ts):
+                if refine is not None and k == refine.step:
+                    x = refine(x, t, prompts[i:i + batch], c[n:])
                 tt = torch.full((2 * n,), t, dtype=torch.long, device=dev)
                 e_u, e_c = unet(torch.cat([x, x]), tt, encoder_hidden_states=c).sample.chunk(2)
                 eps = e_u + cfg * (e_c - e_u)

@@ -9,7 +9,8 @@ The demo uses the engine exactly as a user would (a ``DiffusersBackend`` around 
 2. per seed, SoftREPA and AGSM tokens trained on batches of near-miss groups (``batches.py``),
    then base, base at a higher CFG scale, SoftREPA and AGSM measured on prompts of the token
    training distribution with fresh renders and noise (the main rows: GenEval-mini, alignment
-   score, a quality proxy), and on held-out combinations (the generalisation rows);
+   score, a quality proxy), and on held-out combinations (the generalisation rows); on the main
+   rows also step-selected refinement (``refinement.py``) alone and on top of SoftREPA's tokens;
 3. a report folder: ``report.md`` (diagnostic, tables with paired per-seed changes, every
    setting that differs from the papers and why), ``curves.png``, ``grid.png``,
    ``results.json`` and the token files.
@@ -38,9 +39,13 @@ from . import pretrain, world
 from .batches import NearMissData
 from .diagnostic import diagnose, fair_targets
 from .geneval_mini import CATEGORIES, evaluate
+from .refinement import DEFAULT_SETTINGS, DEFAULT_STEP, GRID, Refiner
 
-CONDITIONS = ("base", "base_cfg", "softrepa", "agsm")  # base_cfg: the base model at a higher CFG scale
+# base_cfg: the base model at a higher CFG scale; refine: base + step-selected refinement at the swept step;
+# both: SoftREPA tokens + that refinement (main rows only)
+CONDITIONS = ("base", "base_cfg", "softrepa", "agsm", "refine", "both")
 METHODS = ("softrepa", "agsm")
+REFINED = {"refine": None, "both": "softrepa"}  # refined condition -> the tokens it samples with
 
 
 @dataclass(frozen=True)
@@ -59,11 +64,22 @@ class DemoSize:
     ema_decay: float = 0.99
     lr: float = 1e-2
     batches: str = "near-miss"
+    refine_step: int = DEFAULT_STEP  # step index of the sample_steps schedule (refinement.DEFAULT_STEP: swept)
+    # 5, not the sweep's 10: at 10 the two refined rows took 14% of a full run (1 thread, busy machine),
+    # 8.6 min -> 10.0 min extrapolated, over the 10-minute budget. At 5: 11% of a full run that took
+    # 9.8 min alone on 2 cores (measured)
+    refine_iterations: int = 5
+    refine_scale: float = DEFAULT_SETTINGS.scale
+    refine_loss: str = DEFAULT_SETTINGS.loss
+
+    def refine_settings(self):
+        return replace(DEFAULT_SETTINGS, iterations=self.refine_iterations, scale=self.refine_scale,
+                       loss=self.refine_loss)
 
 
 FULL = DemoSize()
 SMOKE = DemoSize(seeds=(0,), steps=12, n_val=16, n_main=16, n_general=8, n_align=16, n_diag=8, sample_steps=4,
-                 val_every=6)
+                 val_every=6, refine_step=DEFAULT_STEP * 4 // 12, refine_iterations=2)
 LONG = DemoSize(seeds=(0,), steps=3000, n_val=64, n_main=192, n_general=96, val_every=100)
 
 
@@ -114,12 +130,14 @@ def token_data(encode, x_train, c_train, size: DemoSize, seed: int):
 
 
 def measure(unet, encode, backend, tokens, evals: dict, size: DemoSize, seed: int, cfg: float,
-            general: bool = True) -> dict:
+            general: bool = True, refine=None, align: dict | None = None) -> dict:
     """Main (same-distribution) and, with ``general``, generalisation metrics for tokens (or None) at ``cfg``.
 
     Main: GenEval-mini on ``n_main`` train-split captions with fresh renders and noise (as the
     papers: prompts of the token-training kind, never used in training) and the alignment score
     on fresh train-split pairs. Generalisation: the same on held-out combinations.
+    refine: a ``refinement.Refiner`` for the sampler. align: {"align": ..., "general_align": ...}
+    to reuse instead of scoring (the alignment score samples nothing, so refinement cannot change it).
     """
     out = {}
     for part, split, n, pairs in (("", "train", size.n_main, evals["main"]),
@@ -129,12 +147,15 @@ def measure(unet, encode, backend, tokens, evals: dict, size: DemoSize, seed: in
         specs = world.sample_specs(10_000 + seed, n, split)
         ctx = backend.use_tokens(tokens) if tokens is not None else None
         images = pretrain.sample(unet, encode, [s.caption for s in specs], seed=seed, steps=size.sample_steps,
-                                 cfg=cfg, tokens_injector=ctx)
+                                 cfg=cfg, tokens_injector=ctx, refine=refine)
         acc = evaluate(images, specs)
         # NaN where no prompt of a category was drawn (possible in tiny runs), so every row has every key
         out.update({f"{part}geneval_{k}": acc.get(k, float("nan")) for k in CATEGORIES})
         key = "accuracy" if tokens is not None else "accuracy_base"
-        out[f"{part}align"] = alignment_score(backend, tokens, pairs[0], pairs[1], base=tokens is None)[key]
+        if align is not None:
+            out[f"{part}align"] = align[f"{part}align"]
+        else:
+            out[f"{part}align"] = alignment_score(backend, tokens, pairs[0], pairs[1], base=tokens is None)[key]
         out[f"{part}quality"] = clean_pixel_rate(images)
     return out
 
@@ -165,9 +186,16 @@ def run_demo(out_dir="demo_report", size: DemoSize = FULL, progress: bool = True
     jobs = [(s, c) for s in size.seeds for c in CONDITIONS]
     bar = tqdm(total=len(jobs), desc="demo", unit="run", disable=not progress)
     results, histories, token_files = {c: [] for c in CONDITIONS}, {}, {}
+    trained, seconds = {}, {c: 0.0 for c in CONDITIONS}
     for seed, cond in jobs:
         bar.set_postfix(seed=seed, run=cond)
-        tokens = None
+        tokens, refiner, align = None, None, None
+        if cond in REFINED:  # same prompts and noise as the unrefined row; its alignment score is reused
+            source = REFINED[cond]
+            tokens = trained.get((source, seed))
+            refiner = Refiner(unet, encode.tokenizer, step=size.refine_step, settings=size.refine_settings(),
+                              token_layout=tokens.layout if tokens is not None else None)
+            align = {"align": results[source or "base"][-1]["align"]}
         if cond in METHODS:
             layout = TokenLayout(arch="sd15", method=cond, n_tokens=4, width=width, text_width=width,
                                  blocks=("down", "mid"))
@@ -177,13 +205,17 @@ def run_demo(out_dir="demo_report", size: DemoSize = FULL, progress: bool = True
                         val=val, init_static=null, overwrite=True, progress=progress,
                         meta={"model": "tiny_t2i (demo)", "data": f"demo world, {size.batches} batches"})
             tokens, histories[(cond, seed)], token_files[(cond, seed)] = res.tokens, res.history, file
+            trained[(cond, seed)] = res.tokens
+        t0 = time.time()
         results[cond].append(measure(unet, encode, backend, tokens, evals, size, seed,
                                      cfg=size.cfg_high if cond == "base_cfg" else size.cfg,
-                                     general=cond != "base_cfg"))
+                                     general=cond not in ("base_cfg",) + tuple(REFINED), refine=refiner, align=align))
+        seconds[cond] += time.time() - t0
         bar.update(1)
     bar.close()
     elapsed = time.time() - t_start
-    write_report(out, size, (tau, temp), diag, results, histories, unet, encode, backend, token_files, elapsed)
+    write_report(out, size, (tau, temp), diag, results, histories, unet, encode, backend, token_files, elapsed,
+                 seconds)
     return out
 
 
@@ -205,7 +237,11 @@ def paired_deltas(results: dict) -> dict:
 
 NAMES = {"geneval_overall": "GenEval-mini overall", "align": "alignment score", "quality": "quality proxy"}
 LABELS = {"base": "base (CFG {cfg:g})", "base_cfg": "base at CFG {cfg_high:g}", "softrepa": "SoftREPA",
-          "agsm": "AGSM"}
+          "agsm": "AGSM", "refine": "refinement (step {refine_step})", "both": "SoftREPA + refinement"}
+
+
+def label(c: str, size) -> str:
+    return LABELS[c].format(cfg=size.cfg, cfg_high=size.cfg_high, refine_step=size.refine_step)
 
 
 def table(stats: dict, deltas: dict, conditions, prefix: str, size) -> str:
@@ -213,22 +249,22 @@ def table(stats: dict, deltas: dict, conditions, prefix: str, size) -> str:
     cols = [f"{prefix}geneval_{k}" for k in CATEGORIES] + [f"{prefix}align", f"{prefix}quality"]
     head = "| | " + " | ".join(NAMES.get(k[len(prefix):], k[len(prefix):].replace("geneval_", "")) for k in cols)
     lines = [head + " |", "|---" * (len(cols) + 1) + "|"]
-    label = lambda c: LABELS[c].format(cfg=size.cfg, cfg_high=size.cfg_high)  # noqa: E731
     for c in conditions:
-        lines.append(f"| {label(c)} | " + " | ".join(f"{stats[c][k][0]:.3f} ± {stats[c][k][1]:.3f}" for k in cols) + " |")
+        lines.append(f"| {label(c, size)} | " + " | ".join(f"{stats[c][k][0]:.3f} ± {stats[c][k][1]:.3f}" for k in cols) + " |")
     for c in conditions:
         if c != "base":
-            lines.append(f"| {label(c)} − base | "
+            lines.append(f"| {label(c, size)} − base | "
                          + " | ".join(f"{deltas[c][k][0]:+.3f} ± {deltas[c][k][1]:.3f}" for k in cols) + " |")
     return "\n".join(lines)
 
 
-def per_seed_line(results: dict, method: str, key: str) -> str:
+def per_seed_line(results: dict, method: str, key: str, against: str = "base") -> str:
     """"+0.031, -0.010, ..." : the paired change of one metric in every seed."""
-    return ", ".join(f"{r[key] - b[key]:+.3f}" for r, b in zip(results[method], results["base"]))
+    return ", ".join(f"{r[key] - b[key]:+.3f}" for r, b in zip(results[method], results[against]))
 
 
-def write_report(out: Path, size, temps, diag, results, histories, unet, encode, backend, token_files, elapsed):
+def write_report(out: Path, size, temps, diag, results, histories, unet, encode, backend, token_files, elapsed,
+                 seconds: dict | None = None):
     """report.md, results.json, curves.png and grid.png in ``out``."""
     stats = {c: summarize(rows) for c, rows in results.items()}
     deltas = paired_deltas(results)
@@ -236,6 +272,8 @@ def write_report(out: Path, size, temps, diag, results, histories, unet, encode,
     targets = fair_targets(diag, base_geneval)
     (out / "results.json").write_text(json.dumps({"size": size.__dict__, "tau": temps[0], "temp": temps[1],
                                                   "seconds": round(elapsed), "diagnostic": diag,
+                                                  "measure_seconds": {k: round(v, 1) for k, v in
+                                                                      (seconds or {}).items()},
                                                   "fair_targets": targets, "per_seed": results,
                                                   "mean_std": stats, "paired_delta": deltas}, indent=1))
     plot_curves(out / "curves.png", histories)
@@ -248,6 +286,15 @@ def write_report(out: Path, size, temps, diag, results, histories, unet, encode,
     seeds = "\n".join(f"- {LABELS[m]}: count {per_seed_line(results, m, 'geneval_count')}; overall "
                       f"{per_seed_line(results, m, 'geneval_overall')}; alignment score "
                       f"{per_seed_line(results, m, 'align')}" for m in METHODS)
+    seeds += "\n" + "\n".join(f"- {label(m, size)}: count {per_seed_line(results, m, 'geneval_count')}; overall "
+                               f"{per_seed_line(results, m, 'geneval_overall')}; binding "
+                               f"{per_seed_line(results, m, 'geneval_binding')}; position "
+                               f"{per_seed_line(results, m, 'geneval_position')}" for m in REFINED)
+    seeds += (f"\n- SoftREPA + refinement against SoftREPA alone: overall "
+              f"{per_seed_line(results, 'both', 'geneval_overall', 'softrepa')}; count "
+              f"{per_seed_line(results, 'both', 'geneval_count', 'softrepa')}")
+    rs = size.refine_settings()
+    t_ref = pretrain.ddim_timesteps(size.sample_steps)[size.refine_step]
     text = f"""# Soft-token demo report
 
 Tiny text-to-image model (`training/assets/tiny_t2i`), frozen; tokens trained with the engine.
@@ -287,6 +334,10 @@ Paired change per seed (same prompts and noise):
 - GenEval-mini: {size.sample_steps} DDIM steps, CFG {size.cfg:g}; tokens in both CFG branches. count:
   prompts of 2-{max(world.NUMBERS)} objects (as GenEval's counting); binding, position: two-object prompts.
 - "base at CFG {size.cfg_high:g}": the fair alternative to tokens: the plain model with stronger guidance.
+- refinement: step-selected semantic refinement (IterRef at one denoising step, see the README):
+  at step index {size.refine_step} of {size.sample_steps} (t = {t_ref}), {rs.iterations} gradient steps on the
+  latent against the attention-map loss of the caption's shape words, then sampling goes on.
+  Main rows only. Its alignment score is the unrefined row's (the score samples nothing).
 - alignment score: diffusion-classifier top-1 accuracy on {size.n_align} image-caption pairs of that
   distribution, groups of 4 (chance 0.25), t in (100, 300, 500, 700, 900).
 - quality proxy: share of pixels near black or a palette colour (ground-truth renders: 0.949).
@@ -302,12 +353,16 @@ Paired change per seed (same prompts and noise):
 | batch composition | {size.batches}: each batch of 4 images is one near-miss group (an object at counts 1-4, or two objects with colours swapped, shapes swapped and the relation flipped) | random captions | random batches of this world differ mostly in colour and shape, which the model already draws right; near-miss batches put the hard distinctions into the contrastive matrix |
 | blocks, tokens | down + mid, 4 tokens, BOS init, B = 4 (16 pairs) | the same (SD1.5 SoftREPA: down only) | AGSM's UNet choice, used for both |
 | sampling | {size.sample_steps} DDIM steps | 50 (SD) | keeps the demo within 10 minutes on 2 CPU cores |
+| refinement step | index {size.refine_step} of {size.sample_steps} (t = {t_ref}) | SD1.4: t = 821 or 941 of 50 DDPM steps | chosen the papers' way, on validation prompts (`python -m training refine-sweep`: train-split captions, seeds disjoint from these rows) |
+| refinement iterations, loss | {rs.iterations}, {rs.loss} (threshold {rs.threshold:g}: every iteration runs) | unknown (A&E: 20; official default loss cn+iou) | cost: at the sweep's 10 iterations the two refined rows pushed the demo past 10 minutes |
+| refinement step size | {rs.scale:g} · sqrt(linspace({rs.scale_range[0]:g}, {rs.scale_range[1]:g}, {size.sample_steps})[i]) | 20 · sqrt(linspace(1, 0.5, 50)[i]) | at 20 the loss on this model moves < 1% in 10 iterations; chosen on the validation prompts (200 of 20/200/1000/5000) |
+| attention maps | {GRID[0]}×{GRID[1]} cross-attention (down block 1, up block 1), subjects = shape words, window drops BOS and the last position | 16×16 (latent / 4), subjects = object nouns | the tiny model's latent is 16×16; 8×8 is its SD1.5-like grid (4×4 cannot say where two shapes are) |
 
 ![curves](curves.png)
 
 ![samples](grid.png)
 
-Grid rows: base, SoftREPA, AGSM (seed {size.seeds[0]}); same prompts and noise in every row.
+Grid rows: base, SoftREPA, AGSM, refinement (seed {size.seeds[0]}); same prompts and noise in every row.
 """
     (out / "report.md").write_text(text)
 
@@ -341,7 +396,7 @@ def plot_curves(path, histories):
 
 
 def plot_grid(path, unet, encode, backend, token_files, size, n: int = 8):
-    """Rows base / SoftREPA / AGSM for the same n held-out prompts and sampling noise."""
+    """Rows base / SoftREPA / AGSM / refinement for the same n prompts and sampling noise."""
     from PIL import Image
 
     from ..formats import load_tokens
@@ -354,7 +409,10 @@ def plot_grid(path, unet, encode, backend, token_files, size, n: int = 8):
         tok = load_tokens(token_files[(method, seed)])
         rows.append(pretrain.sample(unet, encode, prompts, seed=seed, steps=size.sample_steps, cfg=size.cfg,
                                     tokens_injector=backend.use_tokens(tok)))
-    grid = torch.cat([torch.cat(list(r), dim=2) for r in rows], dim=1)  # (3, 3*32, n*32)
+    rows.append(pretrain.sample(unet, encode, prompts, seed=seed, steps=size.sample_steps, cfg=size.cfg,
+                                refine=Refiner(unet, encode.tokenizer, step=size.refine_step,
+                                               settings=size.refine_settings())))
+    grid = torch.cat([torch.cat(list(r), dim=2) for r in rows], dim=1)  # (3, 4 rows * 32, n * 32)
     arr = ((grid.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
     Image.fromarray(arr).resize((arr.shape[1] * 3, arr.shape[0] * 3), Image.NEAREST).save(path)
     (Path(path).with_suffix(".txt")).write_text("\n".join(f"column {i + 1}: {p}" for i, p in enumerate(prompts)))
