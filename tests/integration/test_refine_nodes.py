@@ -19,7 +19,7 @@ def pack(comfy):
     return {name: submodule(mod) for name, mod in {
         "cap": "nodes.refine_capture", "nodes": "nodes.refine_nodes", "patch": "nodes.patch",
         "layouts": "training.layouts", "tokens": "training.tokens", "maps": "training.attention_maps",
-        "refine": "training.refine"}.items()}
+        "refine": "training.refine", "formats": "training.formats"}.items()}
 
 
 @pytest.fixture(scope="module")
@@ -576,6 +576,45 @@ def test_server_graphs_execute(server):
                                                                 "latent_image": ["4", 0]}},
     }
     _ok(server, _graph(custom))
+
+
+def test_server_with_soft_tokens_sd15_and_sd3(server, pack):
+    """Load Soft Tokens -> refinement, through the server: SD1.5 (KSampler node) and SD3 (SamplerCustomAdvanced)."""
+    folder = os.path.join(server.base_dir, "models", "soft_tokens")
+    sd15 = random_tokens(pack, "sd15", 768, 768, ("down", "mid"), scale=10.0)
+    sd3 = random_tokens(pack, "sd3", 128, 128, (0, 1), scale=3.0)
+    pack["formats"].save_tokens(sd15, os.path.join(folder, "tiny_sd15.safetensors"))
+    pack["formats"].save_tokens(sd3, os.path.join(folder, "tiny_sd3.safetensors"))
+
+    def load(file):
+        return {"class_type": "LoadSoftTokens", "inputs": {"model": ["1", 0], "token_file": file, "strength": 1.0,
+                                                           "apply_to": "both", "blocks": ""}}
+
+    ks = {"14": load("tiny_sd15.safetensors"),
+          "5": {"class_type": "KSamplerStepSelectedRefinement", "inputs": {
+              "model": ["14", 0], "seed": 0, "steps": 4, "cfg": 5.0, "sampler_name": "dpmpp_2m",
+              "scheduler": "normal", "positive": ["2", 0], "negative": ["3", 0], "latent_image": ["4", 0],
+              "denoise": 1.0, "refine_at": 0.25, "iterations": 2, "step_size": 20.0, "loss": "cn+iou",
+              "attention_downscale": 2}}}
+    _ok(server, _graph(ks))
+    g = _graph({
+        "14": load("tiny_sd3.safetensors"),
+        "6": {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}},
+        "7": {"class_type": "StepSelectedRefinement", "inputs": {
+            "sampler": ["6", 0], "refine_at": -1.0, "iterations": 2, "step_size": 20.0, "loss": "cn+iou",
+            "smoothing": True, "attention_downscale": 4, "refine_step": -1}},
+        "8": {"class_type": "BasicScheduler", "inputs": {"model": ["14", 0], "scheduler": "simple", "steps": 6,
+                                                         "denoise": 1.0}},
+        "12": {"class_type": "RandomNoise", "inputs": {"noise_seed": 0}},
+        "13": {"class_type": "CFGGuider", "inputs": {"model": ["14", 0], "positive": ["2", 0], "negative": ["3", 0],
+                                                     "cfg": 4.0}},
+        "5": {"class_type": "SamplerCustomAdvanced", "inputs": {"noise": ["12", 0], "guider": ["13", 0],
+                                                                "sampler": ["7", 0], "sigmas": ["8", 0],
+                                                                "latent_image": ["4", 0]}},
+    })
+    g["1"]["inputs"]["family"] = "sd3"
+    g["4"] = {"class_type": "EmptySD3LatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}}
+    _ok(server, g)
 
 
 def test_server_reports_unknown_subject(server):
