@@ -96,8 +96,9 @@ def import_comfy():
     if root is None:
         _IMPORTED = False
         return False
-    if root not in sys.path:
-        sys.path.insert(0, root)
+    if root in sys.path:
+        sys.path.remove(root)
+    sys.path.insert(0, root)
     import comfy.options  # noqa: F401  (args_parsing stays False -> parse_args([]))
     import comfy.cli_args
     comfy.cli_args.args.cpu = True  # must happen before comfy.model_management is imported
@@ -111,6 +112,12 @@ def import_comfy():
     import comfy.samplers  # noqa: F401
     import comfy.supported_models  # noqa: F401
     import comfy.utils  # noqa: F401
+    # ComfyUI's top-level `nodes` module, imported now while ComfyUI leads sys.path: pytest later puts
+    # this checkout's root first when its directory name is not an identifier (e.g. a clone in
+    # custom_nodes/comfyui-soft-tokens), and our `nodes/` package would then shadow it.
+    import nodes  # noqa: F401
+    if os.path.dirname(os.path.abspath(nodes.__file__)) != os.path.abspath(root):
+        raise RuntimeError(f"`import nodes` found {nodes.__file__}, not ComfyUI's nodes.py in {root}")
     _IMPORTED = True
     return True
 
