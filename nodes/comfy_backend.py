@@ -53,11 +53,15 @@ def prediction_of(model_sampling) -> str:
 
 
 def model_arch(model) -> str:
-    """'sd15', 'sdxl' or 'sd3': the layout preset for a ComfyUI MODEL (from its class and widths)."""
+    """'sd15', 'sd2', 'sdxl', 'sd3' or 'sd35': the layout preset for a ComfyUI MODEL (from its class
+    and widths). SDXL derivatives (Pony, Illustrious, NoobAI; also v-prediction ones) are 'sdxl';
+    SD2.x (512 epsilon or 768 v) is the UNet with 1024-wide context; SD3.5 the MMDiT with qk-norm."""
     facts = model_facts(model)
     if facts["family"] == MMDIT:
-        return "sd3"
-    return "sdxl" if getattr(model.model, "adm_channels", 0) else "sd15"
+        return facts.get("arch", "sd3")
+    if getattr(model.model, "adm_channels", 0):
+        return "sdxl"
+    return "sd2" if facts["text_width"] == 1024 else "sd15"
 
 
 class _CloneWeight(torch.nn.Module):
@@ -96,7 +100,7 @@ class ComfyBackend:
         self.gradient_checkpointing = gradient_checkpointing
         self.autocast_dtype = autocast_dtype
         self.device = self.patcher.load_device
-        self._wrapped = []
+        self._wrapped, self._guarded = [], []
         self._add_clone_wrappers()
         # apply_model returns the denoised latent; for training we need the raw native output
         # (epsilon, v or velocity), also at sigma = 0 where it cannot be recovered from x0.
@@ -125,6 +129,42 @@ class ComfyBackend:
                 if hasattr(module, f"{kind}_function") and isinstance(p, torch.Tensor) and p.is_inference():
                     self.patcher.add_weight_wrapper(f"{name}.{kind}", _CloneWeight())
 
+    def _guard_inplace_blocks(self):
+        """Flux's blocks update their stream input in place (``x += ...``) after a norm saved it for
+        backward, which autograd refuses. While training, a saved tensor that shares storage with a
+        block's stream input is saved as a copy (only those: the rest is saved as usual)."""
+        dm = self.model.diffusion_model
+        if not hasattr(dm, "double_blocks"):
+            return
+        for block in list(dm.double_blocks) + list(dm.single_blocks):
+            original = block.forward
+
+            def forward(*args, _f=original, **kwargs):
+                if not torch.is_grad_enabled():
+                    return _f(*args, **kwargs)
+                streams = [kwargs.get(k) for k in ("img", "txt", "x")] + list(args[:1])
+                ptrs = {t.untyped_storage().data_ptr() for t in streams if isinstance(t, torch.Tensor)}
+
+                def pack(t):
+                    return t.clone() if t.untyped_storage().data_ptr() in ptrs else t
+
+                with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                    return _f(*args, **kwargs)
+
+            block.forward = forward
+            self._guarded.append(block)
+
+    def _patch_plain_parameters(self):
+        """Inference-mode parameters that no weight wrapper covers (e.g. Flux's RMSNorm ``scale``,
+        read directly rather than through a cast op) get a normal-tensor copy as an object patch
+        of the training clone (applied on load, removed on unload; the shared model is untouched)."""
+        for name, module in self.patcher.model.named_modules():
+            for kind, p in module.named_parameters(recurse=False):
+                covered = kind in ("weight", "bias") and hasattr(module, f"{kind}_function")
+                key = f"{name}.{kind}" if name else kind
+                if p.is_inference() and not covered and key not in self.patcher.object_patches:
+                    self.patcher.add_object_patch(key, torch.nn.Parameter(p.detach().clone(), requires_grad=False))
+
     @contextlib.contextmanager
     def session(self):
         """Load the clone for training (inference mode off, optional checkpointing); clean up after."""
@@ -133,14 +173,19 @@ class ComfyBackend:
             # Another patcher of this model (e.g. a sampler's) may still be loaded with its weights in
             # place; ComfyUI would then reuse that state and skip installing our weight wrappers.
             self._unload(lambda p: p.is_clone(self.patcher))
+            self._patch_plain_parameters()
             comfy.model_management.load_models_gpu([self.patcher], force_full_load=True)
             self.device = self.patcher.load_device
+            self._guard_inplace_blocks()
             if self.gradient_checkpointing:
                 self._wrap_blocks()
             try:
                 yield self
             finally:
                 self._unwrap_blocks()
+                for block in self._guarded:
+                    block.__dict__.pop("forward", None)
+                self._guarded = []
                 self._unload(lambda p: p is self.patcher)
 
     @staticmethod
@@ -220,6 +265,8 @@ class ComfyBackend:
         dm = self.model.diffusion_model
         if hasattr(dm, "joint_blocks"):
             return list(dm.joint_blocks)
+        if hasattr(dm, "double_blocks"):  # Flux.1
+            return list(dm.double_blocks) + list(dm.single_blocks)
         return list(dm.input_blocks) + [dm.middle_block] + list(dm.output_blocks)
 
     def _wrap_blocks(self):

@@ -9,6 +9,9 @@ and training/tokens.py, the same code the diffusers backend uses.
 - MMDiT (SD3): a ``dit``/``double_block`` replace prepends (or appends) the tokens to the text
   stream, runs the original block (or the replace another pack installed before us), and
   strips them again; the last, ``pre_only`` block returns no text stream.
+- Flux.1 (dev, schnell): the same ``double_block`` replace on the double-stream blocks; the
+  rotary table ``pe`` (and an attention mask, if any) gets rows for the inserted tokens, the
+  rows of a text position (``TokenLayout.rope_rows``); the timestep is 1000 sigma.
 - The timestep comes from sigma through the model's own ``model_sampling``, read at call time
   (so model-sampling nodes before or after Load Soft Tokens are both respected).
 
@@ -29,7 +32,7 @@ import math
 
 import torch
 
-from ..training.layouts import MMDIT, UNET
+from ..training.layouts import FLUX, MMDIT, UNET
 from ..training.tokens import SoftTokens, check_finite
 
 APPLY_TO = ("both", "cond_only")
@@ -47,15 +50,25 @@ class _Shared:
 def model_facts(model) -> dict:
     """Family and text-stream widths of a ComfyUI ModelPatcher's denoiser (for layout checks)."""
     dm = model.model.diffusion_model
+    if hasattr(dm, "double_blocks") and hasattr(dm, "txt_in"):  # Flux.1 dev / schnell
+        return {"family": MMDIT, "text_width": int(dm.hidden_size), "n_blocks": len(dm.double_blocks),
+                "embed_width": int(dm.txt_in.in_features), "name": type(model.model).__name__, "arch": FLUX}
     if hasattr(dm, "joint_blocks"):
         embed = getattr(dm, "context_embedder", None)
         return {"family": MMDIT, "text_width": int(dm.hidden_size), "n_blocks": len(dm.joint_blocks),
-                "embed_width": getattr(embed, "in_features", None), "name": type(model.model).__name__}
+                "embed_width": getattr(embed, "in_features", None), "name": type(model.model).__name__,
+                "arch": "sd35" if _has_qk_norm(dm) else "sd3"}
     if hasattr(dm, "input_blocks") and hasattr(dm, "middle_block"):
         ctx = model.model.model_config.unet_config.get("context_dim")
         return {"family": UNET, "text_width": int(ctx), "name": type(model.model).__name__}
-    raise ValueError(f"soft tokens support SD1.5/SDXL UNets and SD3 MMDiT models; "
+    raise ValueError(f"soft tokens support SD1.5/SDXL UNets, SD3 MMDiT and Flux.1 models; "
                      f"{type(model.model).__name__} ({type(dm).__name__}) is not supported yet")
+
+
+def _has_qk_norm(dm) -> bool:
+    """True for SD3.5 (Medium and Large): its joint blocks RMS-normalise q and k; SD3 has none."""
+    ln_q = getattr(dm.joint_blocks[0].context_block.attn, "ln_q", None)
+    return ln_q is not None and not isinstance(ln_q, torch.nn.Identity)
 
 
 class SoftTokenPatch(_Shared):
@@ -110,7 +123,7 @@ class SoftTokenPatch(_Shared):
         if key not in self._cache:
             # Read at call time: a model-sampling node placed after this one object-patches the
             # shared BaseModel while its clone samples, and the timestep must follow it.
-            t = self.base_model.model_sampling.timestep(sigmas).reshape(-1).float()
+            t = self.base_model.model_sampling.timestep(sigmas).reshape(-1).float() * self.layout.timestep_scale
             if t.numel() != batch:
                 t = t.expand(batch) if t.numel() == 1 else t.repeat_interleave(batch // t.numel())
             tokens = self._tokens_on(like.device).layer_tokens(layer, t, self.set_index, self.project)
@@ -163,6 +176,12 @@ class BlockPatch(_Shared):
         new_txt = p.layout.insert(txt, tokens)
         p.arm(to, txt.shape[1], new_txt.shape[1] + img.shape[1], txt.shape[0], txt)
         new_args = dict(args, txt=new_txt)
+        if p.layout.arch == FLUX:  # rotary rows (text first, then image) and mask for the tokens
+            n = txt.shape[1]
+            if args.get("pe") is not None:
+                new_args["pe"] = p.layout.rope_rows(args["pe"], n, dim=2)
+            if args.get("attn_mask") is not None:
+                new_args["attn_mask"] = _extend_mask(p.layout, args["attn_mask"], n, n + img.shape[1])
         try:
             if self.previous is not None:
                 out = self.previous(new_args, extra)
@@ -202,6 +221,15 @@ class AttentionBias(_Shared):
         if self.previous is not None:
             return self.previous(func, *args, **kwargs)
         return func(*args, **kwargs)
+
+
+def _extend_mask(layout, mask, n_text, n_total):
+    """An attention mask over (text, image) with the soft-token rows/columns added: they attend
+    and are attended like the text (the mask row/column of the text position next to them)."""
+    for dim in (-1, -2):
+        if mask.ndim >= -dim and mask.shape[dim] == n_total:
+            mask = layout.rope_rows(mask, n_text, dim=mask.ndim + dim)
+    return mask
 
 
 def _as_float_4d(mask, dtype):
@@ -244,7 +272,7 @@ def check_fits(model, tokens: SoftTokens, name: str = "soft tokens") -> dict:
     check_finite(tokens, name)
     facts = model_facts(model)
     tokens.layout.check_model(facts["family"], facts["text_width"], facts.get("n_blocks"),
-                              facts.get("embed_width"), name=name)
+                              facts.get("embed_width"), name=name, model_arch=facts.get("arch"))
     return facts
 
 
@@ -256,7 +284,7 @@ def install_soft_tokens(m, tokens: SoftTokens, strength: float = 1.0, apply_to: 
         raise ValueError("this model already carries soft tokens; stacking two soft-token sets is "
                          "only supported at strength 1 on both branches")
     dm = m.model.diffusion_model
-    project = dm.context_embedder if tokens.layout.projected else None
+    project = (dm.txt_in if tokens.layout.arch == FLUX else dm.context_embedder) if tokens.layout.projected else None
     patch = SoftTokenPatch(tokens, m.model, strength, apply_to, project)
     if tokens.layout.family == UNET:
         m.set_model_attn2_patch(patch.attn2)

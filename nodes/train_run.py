@@ -74,7 +74,7 @@ class RunSettings:
         layout = TokenLayout(arch=arch, method=self.method, n_tokens=self.tokens, width=width, text_width=width,
                              blocks=tuple(blocks), time_buckets=100 if time_on else 0)
         layout.check_model(facts["family"], facts["text_width"], facts.get("n_blocks"), facts.get("embed_width"),
-                           name="the chosen layout")
+                           name="the chosen layout", model_arch=facts.get("arch"))
         return layout
 
     def check(self) -> None:
@@ -129,7 +129,7 @@ def check_run(model, data: EncodedDataset, settings: RunSettings, files: RunFile
         layout = TokenLayout.from_json(state["layout"])
         facts = model_facts(model)
         layout.check_model(facts["family"], facts["text_width"], facts.get("n_blocks"), facts.get("embed_width"),
-                           name=f"checkpoint {Path(resume).name}")
+                           name=f"checkpoint {Path(resume).name}", model_arch=facts.get("arch"))
         saved, mine = state["config"], cfg.resolved(layout).to_dict()
         diff = [f"{k} {saved[k]!r} -> {mine[k]!r}" for k in saved if k not in RESUME_MUTABLE and saved[k] != mine[k]]
         if diff:

@@ -186,9 +186,11 @@ def tiny_sd15(seed=0, context_dim=768, init_std=None, unet_overrides=None):
     return _patcher(model)
 
 
-def tiny_sdxl(seed=0, init_std=None):
+def tiny_sdxl(seed=0, init_std=None, v_prediction=False):
     """ModelPatcher around a tiny SDXL-class UNet (comfy.supported_models.SDXL: context 2048, ADM input
-    2816 = pooled 1280 + size embeddings), shrunken like tiny_sd15."""
+    2816 = pooled 1280 + size embeddings), shrunken like tiny_sd15. v_prediction=True: what ComfyUI
+    builds for a checkpoint with a ``v_pred`` key (SDXL v-prediction derivatives, ModelSamplingDiscrete
+    with V_PREDICTION)."""
     _require()
     import comfy.supported_models
     unet_config = dict(TINY_SD15_UNET, context_dim=2048, adm_in_channels=2816, num_classes="sequential",
@@ -196,15 +198,36 @@ def tiny_sdxl(seed=0, init_std=None):
     model_config = comfy.supported_models.SDXL(unet_config)
     model_config.unet_config.update(num_heads=TINY_SD15_HEADS, num_head_channels=-1)  # SDXL forces 64-wide heads
     model_config.set_inference_dtype(torch.float32, None)
-    model = model_config.get_model({})
+    model = model_config.get_model({"v_pred": torch.tensor([])} if v_prediction else {})
+    init_weights(model.diffusion_model, seed, init_std)
+    model.eval()
+    return _patcher(model)
+
+
+def tiny_sd2(seed=0, v_prediction=True, init_std=None):
+    """ModelPatcher around a tiny SD2.x-class UNet: comfy.supported_models.SD20 (context 1024, linear
+    projections in the transformers), shrunken like tiny_sd15; v_prediction=True gives what ComfyUI
+    builds for SD2.x 768-v (BaseModel with ModelType.V_PREDICTION), False for SD2.x base (EPS)."""
+    _require()
+    import comfy.model_base
+    import comfy.supported_models
+    unet_config = dict(TINY_SD15_UNET, context_dim=1024, use_linear_in_transformer=True)
+    model_config = comfy.supported_models.SD20(unet_config)
+    model_config.unet_config.update(num_heads=TINY_SD15_HEADS, num_head_channels=-1)  # SD20 forces 64-wide heads
+    model_config.set_inference_dtype(torch.float32, None)
+    kind = comfy.model_base.ModelType.V_PREDICTION if v_prediction else comfy.model_base.ModelType.EPS
+    model = comfy.model_base.BaseModel(model_config, model_type=kind)
     init_weights(model.diffusion_model, seed, init_std)
     model.eval()
     return _patcher(model)
 
 
 def tiny_sd3(seed=0, depth=2, num_blocks=2, context_dim=4096, adm_in_channels=2048, pos_embed_max_size=16,
-             init_std=None):
+             init_std=None, qk_norm=None, x_block_self_attn_layers=()):
     """ModelPatcher around a tiny SD3 MMDiT: hidden 64*depth, `depth` heads, `num_blocks` joint blocks.
+
+    SD3.5-class: qk_norm="rms" (RMSNorm on q and k, SD3.5 Medium and Large) and
+    x_block_self_attn_layers (MMDiT-X dual attention ``x_block.attn2``, SD3.5 Medium's blocks 0-12).
 
     depth=24, num_blocks=6 gives the real SD3-medium width (1536, 24 heads), ~350M params.
     ComfyUI's loaders (comfy.sd.load_diffusion_model_state_dict, UNETLoader) infer
@@ -219,8 +242,10 @@ def tiny_sd3(seed=0, depth=2, num_blocks=2, context_dim=4096, adm_in_channels=20
         "context_embedder_config": {"target": "torch.nn.Linear",
                                     "params": {"in_features": context_dim, "out_features": hidden}},
         "num_patches": pos_embed_max_size ** 2, "pos_embed_max_size": pos_embed_max_size,
-        "pos_embed_scaling_factor": None, "x_block_self_attn_layers": [],
+        "pos_embed_scaling_factor": None, "x_block_self_attn_layers": list(x_block_self_attn_layers),
     }
+    if qk_norm:
+        unet_config["qk_norm"] = qk_norm
     model_config = comfy.supported_models.SD3(unet_config)
     model_config.set_inference_dtype(torch.float32, None)
     model = model_config.get_model({})
@@ -643,7 +668,8 @@ def diffusers_sd3_config(model):
         num_layers=len(dm.joint_blocks), attention_head_dim=64, num_attention_heads=dm.depth,
         joint_attention_dim=cfg["context_embedder_config"]["params"]["in_features"],
         caption_projection_dim=dm.hidden_size, pooled_projection_dim=cfg["adm_in_channels"],
-        pos_embed_max_size=pe,
+        pos_embed_max_size=pe, qk_norm="rms_norm" if cfg.get("qk_norm") else None,
+        dual_attention_layers=tuple(cfg.get("x_block_self_attn_layers") or ()),
     )
 
 

@@ -261,6 +261,8 @@ def test_non_local_or_bad_pipeline_fails_clearly(tmp_path, pipes):
     with pytest.raises(ValueError, match="not a local diffusers pipeline"):
         Encoders.from_pipeline(tmp_path)
     with pytest.raises(ValueError, match="unknown architecture"):
+        Encoders.from_pipeline(pipes["sd15"], arch="sd9")
+    with pytest.raises(ValueError, match="Flux.1.*not supported"):
         Encoders.from_pipeline(pipes["sd15"], arch="flux")
     with pytest.raises(ValueError, match="no usable .tokenizer_2. folder, which sdxl needs"):
         Encoders.from_pipeline(pipes["sd15"], arch="sdxl")

@@ -239,7 +239,7 @@ def _device(args):
 
 def _load_model(args, model: Path):
     """(backend, encoders) for a local pipeline folder."""
-    from .diffusers_backend import DiffusersBackend, load_denoiser, schedule_from_folder
+    from .diffusers_backend import DiffusersBackend, load_denoiser, prediction_from_folder, schedule_from_folder
     from .diffusers_hooks import model_family
     from .encoders import Encoders
 
@@ -249,6 +249,8 @@ def _load_model(args, model: Path):
     kwargs = {}
     if model_family(denoiser) == "unet" and schedule_from_folder(model) is not None:
         kwargs["alphas_cumprod"] = schedule_from_folder(model)  # the pipeline's own noise schedule
+    if model_family(denoiser) == "unet":
+        kwargs["prediction"] = prediction_from_folder(model)  # epsilon, or v (SD2.x 768-v, v-pred SDXL)
     backend = DiffusersBackend(denoiser, autocast_dtype=None if args.dtype == "fp32" else args.dtype,
                                gradient_checkpointing=getattr(args, "grad_checkpointing", False), **kwargs)
     encoders = Encoders.from_pipeline(model, device=device, dtype=dtype, image_size=args.size)
@@ -401,7 +403,12 @@ def _train_with_comfy(args) -> int:
     """--ckpt through ComfyUI's loader and the Train Soft Tokens node's run function."""
     source = _source(args)
     data = _existing(args.data, "dataset")
-    _source_arch(args, source)  # header checks (file type, supported family) before loading anything
+    if args.ckpt:  # header checks (file type, supported family) before loading anything
+        from .single_file import detect_checkpoint_arch
+
+        detect_checkpoint_arch(source, comfy=True)  # ComfyUI also loads SD2.x, SD3.5, v-prediction SDXL
+    else:
+        _source_arch(args, source)
     if args.val_data or args.config or args.dtype == "fp16":
         raise ValueError("with ComfyUI (--backend comfy/auto and --ckpt), --val-data, --config and --dtype fp16 are "
                          "not available; use --val-fraction, and --dtype fp32 or bf16 (or --backend diffusers)")

@@ -1,12 +1,19 @@
 """The diffusers backend: the Backend protocol (training/backend.py) for a diffusers denoiser.
 
 Supported denoisers:
-- ``UNet2DConditionModel`` (SD1.5, SDXL): epsilon prediction, DDIM ``add_noise`` forward
-  process with SD's scaled_linear schedule. Cond keys: "context" (P, 77, d); SDXL also
-  "text_embeds" (P, 1280) and "time_ids" (P, 6), passed as ``added_cond_kwargs``.
+- ``UNet2DConditionModel`` (SD1.5, SD2.x, SDXL): epsilon or v prediction (SD2.x 768-v, SDXL
+  v-pred derivatives; target sqrt(abar) eps - sqrt(1 - abar) x0), DDIM ``add_noise`` forward
+  process with SD's scaled_linear schedule (or the pipeline's scheduler config). Cond keys:
+  "context" (P, 77, d); SDXL also "text_embeds" (P, 1280) and "time_ids" (P, 6), passed as
+  ``added_cond_kwargs``.
 - ``SD3Transformer2DModel`` (SD3): flow prediction, z_t = (1 - s) x0 + s eps with s = t/1000,
   target eps - x0; the model receives the integer t as its timestep. Cond keys: "context"
   (P, n, 4096) and "pooled" (P, 2048).
+- ``FluxTransformer2DModel`` (Flux.1 dev/schnell): flow prediction as SD3; the latent
+  (N, 16, h, w) is packed into 2x2 patches (N, h/2 * w/2, 64) with image ids (0, row, col)
+  and zero text ids, the timestep passed is sigma = t/1000, and the output is unpacked again.
+  Cond keys: "context" (P, n, 4096), "pooled" (P, 768) and, for dev (guidance_embeds), an
+  optional "guidance" (P,) (default 3.5, ComfyUI's default); guidance is just conditioning.
 
 The backbone is frozen (requires_grad False) and kept in eval mode, so dropout is off. Soft
 tokens enter through one ``TokenInjector`` per token layout, installed on first use and left
@@ -26,14 +33,15 @@ from pathlib import Path
 import torch
 
 from .backend import Cond, eps_noisy, flow_noisy, scaled_linear_alphas_cumprod
-from .diffusers_hooks import TokenInjector, model_family
+from .diffusers_hooks import TokenInjector, is_flux, model_family
 from .layouts import UNET
 from .tokens import SoftTokens
 
 PREDICTIONS = {"unet": "epsilon", "mmdit": "flow"}
 AUTOCAST = {None: None, "none": None, "fp32": None, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
             "fp16": torch.float16, "float16": torch.float16}
-DENOISER_CLASSES = ("UNet2DConditionModel", "SD3Transformer2DModel")
+DENOISER_CLASSES = ("UNet2DConditionModel", "SD3Transformer2DModel", "FluxTransformer2DModel")
+FLUX_GUIDANCE = 3.5
 
 
 class DiffusersBackend:
@@ -42,7 +50,9 @@ class DiffusersBackend:
     Args:
         denoiser: the diffusers model; it is frozen and put in eval mode.
         prediction: "epsilon" or "flow"; None picks the family's (UNet: epsilon, SD3: flow).
-        alphas_cumprod: alpha-bar table (1000,) for epsilon models; None: SD's scaled_linear.
+            UNets also take "v" (v-prediction: SD2.x 768-v, SDXL v-pred derivatives); target
+            sqrt(abar) eps - sqrt(1 - abar) x0 (``prediction_from_folder`` reads a pipeline's).
+        alphas_cumprod: alpha-bar table (1000,) for epsilon and v models; None: SD's scaled_linear.
         extra_cond_fn: optional ``fn(z_t, t, cond) -> dict`` of extra keyword arguments for
             the denoiser call (for models that need more than the standard cond keys).
         gradient_checkpointing: recompute the frozen backbone's activations in backward
@@ -57,7 +67,7 @@ class DiffusersBackend:
         self.family = model_family(denoiser)
         native = PREDICTIONS[self.family]
         prediction = prediction or native
-        if prediction != native:
+        if prediction != native and not (self.family == UNET and prediction == "v"):
             raise ValueError(f"{type(denoiser).__name__} predicts {native!r}; prediction={prediction!r} "
                              "is not supported by this backend")
         if isinstance(autocast_dtype, str) or autocast_dtype is None:
@@ -67,12 +77,12 @@ class DiffusersBackend:
             autocast_dtype = AUTOCAST[autocast_dtype]
         elif autocast_dtype not in (torch.bfloat16, torch.float16):
             raise ValueError(f"autocast_dtype must be torch.bfloat16, torch.float16 or None, got {autocast_dtype}")
-        if prediction == "epsilon":
+        if prediction in ("epsilon", "v"):
             alphas_cumprod = scaled_linear_alphas_cumprod() if alphas_cumprod is None else alphas_cumprod
             if alphas_cumprod.ndim != 1 or alphas_cumprod.shape[0] != 1000:
                 raise ValueError(f"alphas_cumprod must have shape (1000,), got {tuple(alphas_cumprod.shape)}")
         elif alphas_cumprod is not None:
-            raise ValueError("alphas_cumprod only applies to epsilon models")
+            raise ValueError("alphas_cumprod only applies to epsilon and v models")
 
         self.denoiser = denoiser.eval().requires_grad_(False)
         self.prediction = prediction
@@ -83,6 +93,7 @@ class DiffusersBackend:
         self.device, self.dtype = param.device, param.dtype
         self._injectors: dict = {}
         self.sdxl = self.family == UNET and getattr(denoiser.config, "addition_embed_type", None) == "text_time"
+        self.flux = is_flux(denoiser)
         if gradient_checkpointing:
             self._enable_checkpointing()
 
@@ -94,13 +105,17 @@ class DiffusersBackend:
     # --- forward process -----------------------------------------------------------------
     def noisy(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """z_t: DDIM add_noise (epsilon) or (1 - t/1000) x0 + t/1000 noise (flow)."""
-        if self.prediction == "epsilon":
+        if self.prediction in ("epsilon", "v"):
             return eps_noisy(self.alphas_cumprod, x0, noise, t)
         return flow_noisy(x0, noise, t)
 
     def target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """The regression target: noise (epsilon) or noise - x0 (flow)."""
         noise = noise.expand_as(x0)
+        if self.prediction == "v":  # v = sqrt(abar) eps - sqrt(1 - abar) x0 (diffusers' get_velocity)
+            abar = self.alphas_cumprod.to(x0.device)[torch.as_tensor(t).reshape(-1).to(x0.device).long()]
+            abar = abar.to(x0.dtype).view(-1, *([1] * (x0.ndim - 1)))
+            return abar.sqrt() * noise - (1 - abar).sqrt() * x0
         return noise if self.prediction == "epsilon" else noise - x0
 
     # --- prediction ----------------------------------------------------------------------
@@ -116,6 +131,8 @@ class DiffusersBackend:
         use = self.use_tokens(tokens, set_index) if tokens is not None else contextlib.nullcontext()
         with use, self._autocast():
             out = self.denoiser(**kwargs, return_dict=False)[0]
+        if self.flux:
+            out = _flux_unpack(out, z_t.shape)
         return out.float()
 
     def use_tokens(self, tokens: SoftTokens, set_index=0):
@@ -146,6 +163,15 @@ class DiffusersBackend:
             if self.sdxl:
                 kwargs["added_cond_kwargs"] = {"text_embeds": cast(cond["text_embeds"]),
                                                "time_ids": cast(cond["time_ids"])}
+        elif self.flux:
+            img, img_ids = _flux_pack(cast(z_t))
+            kwargs = {"hidden_states": img, "timestep": cast(t) / 1000.0, "img_ids": img_ids,
+                      "txt_ids": torch.zeros(cond["context"].shape[1], 3, device=self.device, dtype=self.dtype),
+                      "encoder_hidden_states": cast(cond["context"]), "pooled_projections": cast(cond["pooled"])}
+            if self.denoiser.config.guidance_embeds:
+                g = cond.get("guidance")
+                kwargs["guidance"] = (torch.full((n,), FLUX_GUIDANCE, device=self.device, dtype=self.dtype)
+                                      if g is None else cast(torch.as_tensor(g)).reshape(-1).expand(n))
         else:
             kwargs = {"hidden_states": cast(z_t), "timestep": t, "encoder_hidden_states": cast(cond["context"]),
                       "pooled_projections": cast(cond["pooled"])}
@@ -205,6 +231,8 @@ class DiffusersBackend:
         denoiser = load_denoiser(path, config=config, dtype=dtype)
         if model_family(denoiser) == UNET and "alphas_cumprod" not in kwargs:
             kwargs["alphas_cumprod"] = schedule_from_folder(config if Path(path).is_file() else path)
+        if model_family(denoiser) == UNET and "prediction" not in kwargs:
+            kwargs["prediction"] = prediction_from_folder(config if Path(path).is_file() else path)
         return cls(denoiser, **kwargs)
 
 
@@ -219,14 +247,36 @@ def sdxl_time_ids(latent_h: int, latent_w: int, n: int = 1) -> torch.Tensor:
 def schedule_from_folder(path) -> torch.Tensor | None:
     """alpha-bar from a pipeline folder's scheduler/scheduler_config.json, or None if there is none.
 
-    Supports the DDPM 'scaled_linear' and 'linear' beta schedules with epsilon prediction.
+    Supports the DDPM 'scaled_linear' and 'linear' beta schedules with epsilon or v prediction,
+    and ``rescale_betas_zero_snr`` (zero terminal SNR, as some SDXL v-prediction derivatives use).
     """
     f = Path(path) / "scheduler" / "scheduler_config.json"
     if not f.is_file():
         return None
     cfg = json.loads(f.read_text())
-    if cfg.get("prediction_type", "epsilon") != "epsilon":
-        raise ValueError(f"{f}: prediction_type {cfg['prediction_type']!r} is not supported (epsilon only)")
+    prediction_from_folder(path)  # refuses other prediction types
+    abar = _beta_schedule(cfg, f)
+    return _zero_terminal_snr(abar) if cfg.get("rescale_betas_zero_snr") else abar
+
+
+def prediction_from_folder(path) -> str:
+    """"epsilon" or "v": a pipeline folder's scheduler ``prediction_type`` (epsilon without a config)."""
+    f = Path(path) / "scheduler" / "scheduler_config.json"
+    kind = json.loads(f.read_text()).get("prediction_type", "epsilon") if f.is_file() else "epsilon"
+    if kind not in ("epsilon", "v_prediction"):
+        raise ValueError(f"{f}: prediction_type {kind!r} is not supported (epsilon or v_prediction)")
+    return "v" if kind == "v_prediction" else "epsilon"
+
+
+def _zero_terminal_snr(abar: torch.Tensor) -> torch.Tensor:
+    """Rescale alpha-bar to zero terminal SNR (Lin et al. 2024, Algorithm 1): sqrt(abar) is shifted so
+    the last step is 0 and scaled so the first is unchanged."""
+    r = abar.sqrt()
+    first, last = r[0].clone(), r[-1].clone()
+    return ((r - last) * first / (first - last)) ** 2
+
+
+def _beta_schedule(cfg: dict, f) -> torch.Tensor:
     n = int(cfg.get("num_train_timesteps", 1000))
     if n != 1000:
         raise ValueError(f"{f}: num_train_timesteps={n}; soft-token training assumes 1000")
@@ -318,3 +368,23 @@ def _model_class(config_file: Path):
     if name not in DENOISER_CLASSES:
         raise ValueError(f"{config_file}: model class {name!r} is not supported; expected one of {DENOISER_CLASSES}")
     return getattr(diffusers, name)
+
+
+def _flux_pack(z: torch.Tensor):
+    """(N, C, h, w) latent -> Flux's packed image tokens (N, h/2 * w/2, 4C), channel-major within each
+    2x2 patch, and their ids (h/2 * w/2, 3) = (0, row, col)."""
+    n, c, h, w = z.shape
+    if h % 2 or w % 2:
+        raise ValueError(f"Flux latents need even height and width, got {h}x{w}")
+    img = z.reshape(n, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(n, (h // 2) * (w // 2), c * 4)
+    rows = torch.arange(h // 2, device=z.device, dtype=z.dtype)
+    cols = torch.arange(w // 2, device=z.device, dtype=z.dtype)
+    ids = torch.stack([torch.zeros(h // 2, w // 2, device=z.device, dtype=z.dtype),
+                       rows[:, None].expand(-1, w // 2), cols[None, :].expand(h // 2, -1)], dim=-1)
+    return img, ids.reshape(-1, 3)
+
+
+def _flux_unpack(out: torch.Tensor, shape) -> torch.Tensor:
+    """Inverse of _flux_pack for the model output: (N, h/2 * w/2, 4C) -> (N, C, h, w)."""
+    n, c, h, w = shape
+    return out.reshape(n, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(n, c, h, w)

@@ -5,8 +5,11 @@ selected layers (and, for MMDiT, strip it on the way out). All semantics come fr
 layout (training/layouts.py) and the SoftTokens module, exactly like the ComfyUI patch.
 
 Supported: ``UNet2DConditionModel`` (SD1.5, SDXL; tokens go into every cross-attention
-``attn2`` of the enabled block groups) and ``SD3Transformer2DModel`` (tokens go into the
-text stream of the selected joint blocks).
+``attn2`` of the enabled block groups), ``SD3Transformer2DModel`` (tokens go into the
+text stream of the selected joint blocks) and ``FluxTransformer2DModel`` (Flux.1: the same on
+the double-stream ``transformer_blocks``; the block's ``image_rotary_emb`` (cos, sin), text rows
+first, gets rows for the tokens from ``TokenLayout.rope_rows``; the timestep argument is sigma,
+so the time table sees t = 1000 sigma).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import inspect
 
 import torch
 
-from .layouts import MMDIT, UNET
+from .layouts import FLUX, MMDIT, UNET
 from .tokens import SoftTokens
 
 _UNET_GROUPS = {"down": "down_blocks", "mid": "mid_block", "up": "up_blocks"}
@@ -36,12 +39,24 @@ def describe_model(model) -> dict:
     """The facts a layout is checked against: family, text width, blocks, embedder width."""
     family = model_family(model)
     cfg = model.config
+    if is_flux(model):
+        return {"family": MMDIT, "text_width": int(cfg.num_attention_heads * cfg.attention_head_dim),
+                "n_blocks": len(model.transformer_blocks), "embed_width": int(cfg.joint_attention_dim),
+                "arch": FLUX}
     if family == UNET:
         width = cfg.cross_attention_dim
         width = width[0] if isinstance(width, (list, tuple)) else width
-        return {"family": UNET, "text_width": int(width)}
+        sdxl = getattr(cfg, "addition_embed_type", None) == "text_time"
+        return {"family": UNET, "text_width": int(width),
+                "arch": "sdxl" if sdxl else "sd2" if int(width) == 1024 else "sd15"}
     return {"family": MMDIT, "text_width": int(cfg.num_attention_heads * cfg.attention_head_dim),
-            "n_blocks": len(model.transformer_blocks), "embed_width": int(cfg.joint_attention_dim)}
+            "n_blocks": len(model.transformer_blocks), "embed_width": int(cfg.joint_attention_dim),
+            "arch": "sd35" if getattr(cfg, "qk_norm", None) else "sd3"}  # SD3.5 (Medium, Large): qk-norm
+
+
+def is_flux(model) -> bool:
+    """True for a diffusers FluxTransformer2DModel (double- and single-stream blocks)."""
+    return hasattr(model, "single_transformer_blocks") and hasattr(model, "transformer_blocks")
 
 
 class TokenInjector:
@@ -56,7 +71,7 @@ class TokenInjector:
     def __init__(self, model, tokens: SoftTokens):
         info = describe_model(model)
         tokens.layout.check_model(info["family"], info["text_width"], info.get("n_blocks"),
-                                  info.get("embed_width"))
+                                  info.get("embed_width"), model_arch=info.get("arch"))
         self.model, self.tokens, self.layout = model, tokens, tokens.layout
         self.enabled = True
         self.set_index = 0
@@ -113,7 +128,7 @@ class TokenInjector:
     def _on_model_call(self, module, args, kwargs):
         bound = self._forward_sig.bind_partial(*args, **kwargs).arguments
         sample = bound.get("sample", bound.get("hidden_states"))
-        t = torch.as_tensor(bound["timestep"], device=sample.device)
+        t = torch.as_tensor(bound["timestep"], device=sample.device) * self.layout.timestep_scale
         self._t = t.reshape(-1).expand(sample.shape[0]) if t.numel() == 1 else t.reshape(-1)
         self._cache = {}
 
@@ -141,12 +156,28 @@ class TokenInjector:
             if not self.enabled:
                 return None
             tokens = self._layer_tokens(layer)
+            if self.layout.arch == FLUX:
+                return self._flux_block_inputs(args, kwargs, tokens)
             if "encoder_hidden_states" in kwargs:
                 kwargs["encoder_hidden_states"] = self.layout.insert(kwargs["encoder_hidden_states"], tokens)
             else:  # gradient-checkpointing path passes everything positionally
                 args = (args[0], self.layout.insert(args[1], tokens)) + tuple(args[2:])
             return args, kwargs
         return hook
+
+    def _flux_block_inputs(self, args, kwargs, tokens):
+        """FluxTransformerBlock(hidden_states, encoder_hidden_states, temb, image_rotary_emb, ...):
+        insert the tokens into the text stream and rows for them into the rotary (cos, sin)."""
+        names = ("hidden_states", "encoder_hidden_states", "temb", "image_rotary_emb", "joint_attention_kwargs")
+        bound = dict(zip(names, args))
+        bound.update(kwargs)
+        txt = bound["encoder_hidden_states"]
+        n = txt.shape[1]
+        bound["encoder_hidden_states"] = self.layout.insert(txt, tokens)
+        rope = bound.get("image_rotary_emb")
+        if rope is not None:  # (cos, sin), each (n_text + n_image, head_dim)
+            bound["image_rotary_emb"] = tuple(self.layout.rope_rows(r, n, dim=0) for r in rope)
+        return (), bound
 
     def _block_post(self, module, args, output):
         if not self.enabled:

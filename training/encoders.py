@@ -129,6 +129,14 @@ class PipelineEncoders(Encoders):
         arch = arch or detect_arch(index, root)
         if arch not in ARCH_FAMILY:
             raise ValueError(f"unknown architecture {arch!r}; expected one of {sorted(ARCH_FAMILY)}")
+        # SD2.x encodes like SD1.5 (one CLIP, last hidden state; diffusers' SD2 text encoder is already
+        # cut to the penultimate OpenCLIP layer), SD3.5 like SD3 (CLIP-L, CLIP-G, T5): self.arch is that
+        # encoding convention.
+        arch = {"sd2": "sd15", "sd35": "sd3"}.get(arch, arch)
+        if arch == "flux":
+            raise ValueError("encoding prompts for Flux.1 (CLIP-L pooled + T5) is not supported by the standalone "
+                             "trainer yet; train Flux tokens in ComfyUI (its CLIP encodes the dataset) or pass "
+                             "pre-encoded conditioning")
         if int(image_size) < 8 or int(image_size) % 8:
             raise ValueError(f"image_size must be a positive multiple of 8, got {image_size}")
         if arch == "sd3" and int(t5_max_length) < 1:
@@ -258,16 +266,22 @@ class PipelineEncoders(Encoders):
 # --- helpers -------------------------------------------------------------------------------
 
 def detect_arch(index: dict, root: Path | None = None) -> str:
-    """sd15 / sdxl / sd3 from a pipeline's model_index.json."""
+    """sd15 / sd2 / sdxl / sd3 / sd35 from a pipeline's model_index.json (and, given the folder, the
+    denoiser's config.json: SD3.5 has qk-norm, SD2.x a 1024-wide cross-attention)."""
     name = str(index.get("_class_name", ""))
     if "StableDiffusion3" in name or "transformer" in index and "text_encoder_2" in index:
-        return "sd3"
+        return "sd35" if _denoiser_config(root, "transformer").get("qk_norm") else "sd3"
     if "XL" in name or "text_encoder_2" in index and "unet" in index:
         return "sdxl"
     if "text_encoder" in index and "unet" in index:
-        return "sd15"
+        return "sd2" if _denoiser_config(root, "unet").get("cross_attention_dim") == 1024 else "sd15"
     raise ValueError(f"cannot tell the architecture of pipeline {root or ''} ({name or 'no _class_name'}); "
                      f"pass arch= one of {sorted(ARCH_FAMILY)}")
+
+
+def _denoiser_config(root: Path | None, part: str) -> dict:
+    f = Path(root) / part / "config.json" if root is not None else None
+    return json.loads(f.read_text(encoding="utf-8")) if f is not None and f.is_file() else {}
 
 
 def _local_pipeline(path) -> Path:

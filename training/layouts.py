@@ -25,7 +25,18 @@ MMDIT = "mmdit"
 
 # Architecture presets. Widths are those of the released models; tiny test models use the
 # same families with other widths (a layout carries its own widths).
-ARCH_FAMILY = {"sd15": UNET, "sdxl": UNET, "sd3": MMDIT}
+ARCH_FAMILY = {"sd15": UNET, "sdxl": UNET, "sd3": MMDIT, "flux": MMDIT,
+               # SD2.x: the SD1.5 UNet with 1024-wide (OpenCLIP-H) context; 768-v models predict v.
+               "sd2": UNET,
+               # SD3.5 Medium (MMDiT-X: 1536 wide, 24 blocks, dual attention in blocks 0-12) and Large
+               # (2432 wide, 38 blocks): the SD3 mechanism; told from SD3 by its qk-norm (RMSNorm).
+               "sd35": MMDIT}
+# Readable preset names, for messages.
+ARCH_NAMES = {"sd15": "SD1.5", "sd2": "SD2.x", "sdxl": "SDXL", "sd3": "SD3", "sd35": "SD3.5", "flux": "Flux.1"}
+# Flux.1 (dev, schnell): double-stream blocks with rotary text positions and a sigma timestep.
+# See TokenLayout.rope_rows and timestep_scale.
+FLUX = "flux"
+FLUX_HIDDEN, FLUX_EMBED = 3072, 4096
 UNET_GROUPS = ("down", "mid", "up")
 POSITIONS = ("after_bos", "prepend", "append")
 METHODS = ("softrepa", "agsm")
@@ -52,7 +63,7 @@ class TokenLayout:
     """Where and how a set of soft tokens is inserted into one model family.
 
     Attributes:
-        arch: "sd15", "sdxl" or "sd3" (the preset the tokens were made for).
+        arch: "sd15", "sd2", "sdxl", "sd3", "sd35" or "flux" (the preset the tokens were made for).
         method: "softrepa" or "agsm" (decides the token sets).
         n_tokens: m, tokens per set and layer.
         width: width of the stored static tokens.
@@ -124,6 +135,17 @@ class TokenLayout:
         return self.width != self.text_width
 
     @property
+    def timestep_scale(self) -> float:
+        """Factor from the denoiser's timestep argument to the 0..1000 time-table scale.
+
+        SD3 (ComfyUI and diffusers) passes t = 1000 sigma already: 1. Flux passes sigma in [0, 1]
+        (ComfyUI's ModelSamplingFlux.timestep(sigma) = sigma; diffusers' FluxTransformer2DModel
+        takes timestep = sigma and multiplies by 1000 inside): 1000, so t = 1000 sigma and the
+        buckets are those of SD3's flow schedule (ALGORITHMS 1.5; first step sigma = 1 -> 99).
+        """
+        return 1000.0 if self.arch == FLUX else 1.0
+
+    @property
     def static_shape(self) -> tuple:
         return (len(self.sets), self.n_layers, self.n_tokens, self.width)
 
@@ -171,24 +193,57 @@ class TokenLayout:
         idx = torch.arange(n_text)
         return torch.where(idx >= start, idx + (stop - start), idx)
 
+    def rope_rows(self, pe: torch.Tensor, n_text: int, dim: int) -> torch.Tensor:
+        """Rotary table for the text stream after ``insert`` (Flux).
+
+        Flux applies rotary position embeddings to text and image tokens together: ``pe`` is
+        computed once before the blocks from cat(txt_ids, img_ids), so it has n_text text rows
+        followed by the image rows along ``dim``. The inserted tokens need rows too. They get
+        the rotary entries of a *text* position: the text row next to where they go (the first
+        text row for "prepend", the last for "append"). Flux's text ids are all zero, so this is
+        the identity rotation at every frequency, exactly what every text token gets: the soft
+        tokens are positioned like text, and relative to the image they sit where the prompt
+        sits. Returns pe with m rows inserted at ``token_span(n_text)``; the image rows and the
+        original text rows keep their entries, so the text and image tokens see the same
+        rotations as without tokens.
+        """
+        start, stop = self.token_span(n_text)
+        src = start if self.position == "prepend" else max(start - 1, 0)
+        rows = pe.narrow(dim, src, 1)
+        rows = rows.expand(*pe.shape[:dim], stop - start, *pe.shape[dim + 1:])
+        return torch.cat([pe.narrow(dim, 0, start), rows, pe.narrow(dim, start, pe.shape[dim] - start)], dim=dim)
+
     # --- compatibility with a loaded model -----------------------------------------------
     def check_model(self, family: str, text_width: int, n_blocks: int | None = None,
-                    embed_width: int | None = None, name: str = "token file") -> None:
+                    embed_width: int | None = None, name: str = "token file",
+                    model_arch: str | None = None) -> None:
         """Raise ValueError naming both sides if these tokens do not fit the described model.
 
         family/text_width describe the model's text stream (UNet cross-attention width or
         MMDiT hidden width); n_blocks is the MMDiT joint-block count; embed_width the input
-        width of its context_embedder (needed for projected tokens).
+        width of its context_embedder (needed for projected tokens). model_arch: "flux" for a
+        Flux model (None or another name otherwise); Flux tokens and SD3 tokens do not mix.
         """
         what = f"{name} ({self.describe()})"
+        if (model_arch == FLUX) != (self.arch == FLUX) and family == self.family:
+            ours = ARCH_NAMES[self.arch]
+            theirs = ARCH_NAMES.get(model_arch, "an SD3-type MMDiT") if model_arch else "an SD3-type MMDiT"
+            raise ValueError(f"{what} is for {ours}, but the loaded model is {theirs}. Flux tokens need "
+                             "Flux's rotary text positions and sigma timesteps, SD3 tokens neither; use "
+                             "tokens trained for this model's architecture.")
         if family != self.family:
+            named = f" ({ARCH_NAMES.get(model_arch, model_arch)})" if model_arch else ""
             raise ValueError(f"{what} is for a {self.family.upper()} model, but the loaded model is "
-                             f"a {family.upper()} model. Use tokens trained for this model's architecture.")
+                             f"a {family.upper()} model{named}. Use tokens trained for this model's architecture.")
         if text_width != self.text_width:
             raise ValueError(f"{what} has text width {self.text_width}, but the loaded model's text "
                              f"stream is {text_width} wide ({_guess_arch(family, text_width)}). "
                              "Use tokens trained for this model.")
         if self.family == MMDIT:
+            sd3_type = ("sd3", "sd35")  # same widths possible (SD3 and SD3.5 Medium): told apart by model_arch
+            if model_arch in sd3_type and self.arch in sd3_type and model_arch != self.arch:
+                raise ValueError(f"{what} was made for {ARCH_NAMES[self.arch]}, but the loaded model is "
+                                 f"{ARCH_NAMES[model_arch]}. Use tokens trained for this model.")
             if n_blocks is not None and max(self.blocks) >= n_blocks:
                 raise ValueError(f"{what} needs joint blocks {list(self.blocks)}, but the loaded "
                                  f"model has only {n_blocks} joint blocks.")
@@ -227,11 +282,21 @@ def default_blocks(arch: str, method: str, n_layers: int = 5) -> tuple:
     """Block groups each official release was trained with (ALGORITHMS 4.1, pitfall 10).
 
     SoftREPA SD1.5: down only; SoftREPA SDXL and every AGSM UNet: down + mid; SD3: the first
-    n_layers joint blocks.
+    n_layers joint blocks. SD2.x and SD3.5 (no official tokens) take their sibling's choice:
+    SD2.x that of SD1.5 (the same UNet), SD3.5 that of SD3.
+
+    Flux.1 (our extrapolation; neither paper has Flux code, ALGORITHMS 0.1): the first n_layers
+    double-stream blocks (0-4 by default), with SD3's reasoning: the input-side blocks, where the
+    text stream is still close to the prompt, and 5 of Flux's 19 double blocks is about SD3's
+    5 of 24. Tokens are prepended (SoftREPA) or appended (AGSM), 4 per layer by default, and
+    live directly in the 3072-wide text stream after ``txt_in`` (width = text_width = 3072, as
+    the released SD3 tokens live in the 1536 stream): no dependence on ``txt_in``'s weights,
+    and 4096-wide tokens projected by the frozen ``txt_in`` remain possible (width 4096). They
+    never reach the single-stream blocks: they are removed after each double block they enter.
     """
     if ARCH_FAMILY[arch] == MMDIT:
         return tuple(range(n_layers))
-    if arch == "sd15" and method == "softrepa":
+    if arch in ("sd15", "sd2") and method == "softrepa":
         return ("down",)
     return ("down", "mid")
 
@@ -263,7 +328,7 @@ def parse_blocks(text: str) -> tuple:
 def _guess_arch(family: str, text_width: int) -> str:
     if family == UNET:
         return {768: "SD1.5-like", 1024: "SD2-like", 2048: "SDXL-like"}.get(text_width, "UNet")
-    return {1536: "SD3-medium-like"}.get(text_width, "MMDiT")
+    return {1536: "SD3-medium- or SD3.5-medium-like", 2432: "SD3.5-large-like"}.get(text_width, "MMDiT")
 
 
 def _ranges(idx) -> str:

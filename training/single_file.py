@@ -72,17 +72,27 @@ def read_header(path) -> dict:
         raise ValueError(f"checkpoint {p} is not a readable safetensors file: {e}") from e
 
 
-def detect_checkpoint_arch(path) -> str:
-    """The architecture ("sd15", "sdxl" or "sd3") of a single-file checkpoint, from its header's keys and shapes."""
-    return _arch_of(read_header(path), Path(path))
+def detect_checkpoint_arch(path, comfy: bool = False) -> str:
+    """The architecture ("sd15", "sdxl" or "sd3") of a single-file checkpoint, from its header's keys and shapes.
+
+    comfy=True (the file goes through ComfyUI's loader) also accepts SD2.x ("sd2"), SD3.5 ("sd35")
+    and SDXL v-prediction derivatives ("sdxl", ``v_pred`` key); the diffusers conversion does not.
+    """
+    return _arch_of(read_header(path), Path(path), comfy)
 
 
-def _arch_of(shapes: dict, path: Path) -> str:
+def _arch_of(shapes: dict, path: Path, comfy: bool = False) -> str:
     keys = shapes.keys()
     has = lambda prefix: any(k.startswith(prefix) for k in keys)  # noqa: E731
     what = None
-    if "v_pred" in shapes or "edm_mean" in shapes or "edm_vpred.sigma_max" in shapes:
-        what = "a v-prediction or EDM checkpoint (only epsilon SD1.5/SDXL and flow SD3 are supported)"
+    if "edm_mean" in shapes or "edm_vpred.sigma_max" in shapes or ("v_pred" in shapes and not comfy):
+        what = ("a v-prediction or EDM checkpoint (without ComfyUI only epsilon SD1.5/SDXL and flow SD3 are "
+                "supported; v-prediction SDXL trains through ComfyUI)")
+    elif D + "joint_blocks.0.context_block.attn.ln_q.weight" in shapes:
+        if comfy:
+            return _check_in_channels(shapes, D + "x_embedder.proj.weight", 16, "sd35", path)
+        what = ("an SD3.5 model (qk-norm); without ComfyUI, SD3.5 trains from a diffusers pipeline folder "
+                "(--model)")
     elif has(D + "joint_blocks."):
         return _check_in_channels(shapes, D + "x_embedder.proj.weight", 16, "sd3", path)
     elif has(D + "double_blocks.") or has("double_blocks."):
@@ -95,7 +105,10 @@ def _arch_of(shapes: dict, path: Path) -> str:
             else:
                 return _check_in_channels(shapes, D + "input_blocks.0.0.weight", 4, "sdxl", path)
         elif has("cond_stage_model.model.") or ctx == 1024:
-            what = "a Stable Diffusion 2.x model (OpenCLIP-H text encoder)"
+            if comfy:
+                return _check_in_channels(shapes, D + "input_blocks.0.0.weight", 4, "sd2", path)
+            what = ("a Stable Diffusion 2.x model (OpenCLIP-H text encoder; without ComfyUI, SD2.x trains from a "
+                    "diffusers pipeline folder)")
         elif has("cond_stage_model.transformer.") or ctx == 768:
             return _check_in_channels(shapes, D + "input_blocks.0.0.weight", 4, "sd15", path)
         else:

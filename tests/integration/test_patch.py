@@ -1,7 +1,6 @@
 """Load Soft Tokens on real ComfyUI models: official tokens, strength, apply-to, chaining, and
 agreement with the diffusers path."""
 
-import math
 import os
 
 import pytest
