@@ -79,7 +79,8 @@ DTYPES = ("fp32", "fp16", "bf16")
 
 def add_train_parsers(sub) -> None:
     """Register the ``train`` and ``score`` subcommands."""
-    t = sub.add_parser("train", help="train soft tokens (SoftREPA or AGSM) on a local diffusers model")
+    t = sub.add_parser("train", help="train soft tokens (SoftREPA or AGSM) on a local diffusers model (SD1.5, SD2.x, "
+                                     "SDXL, SD3/3.5, Flux.1 pipeline folders; single-file SD1.5/SDXL/SD3)")
     t.add_argument("--backend", choices=["auto", "comfy", "diffusers"], default="auto",
                    help="auto (default): with --ckpt, ComfyUI's loader and the Train node's code when ComfyUI is "
                         "found (COMFYUI_PATH, or this pack in ComfyUI/custom_nodes) and neither --config nor "
@@ -92,9 +93,10 @@ def add_train_parsers(sub) -> None:
     t.add_argument("--steps", type=int, help="total optimizer steps (default 1000)")
     t.add_argument("--batch", type=int, help="images per step B; B*B pairs (default 4)")
     t.add_argument("--tokens", type=int, default=4, help="soft tokens per set and layer m (default 4)")
-    t.add_argument("--blocks", help="UNet block groups ('down', 'down,mid') or SD3 joint blocks ('0-4'); "
-                                    "default: the official choice")
-    t.add_argument("--layers", type=int, default=5, help="SD3: token layers on the first L joint blocks (default 5)")
+    t.add_argument("--blocks", help="UNet block groups ('down', 'down,mid') or SD3 joint / Flux double blocks "
+                                    "('0-4'); default: the official choice")
+    t.add_argument("--layers", type=int, default=5, help="SD3/Flux: token layers on the first L joint (double) "
+                                                         "blocks (default 5)")
     t.add_argument("--time", choices=TIME_TABLE_CHOICES, default="official",
                    help="time-dependent token table (official: off for SoftREPA SDXL, on otherwise)")
     t.add_argument("--lr", type=float, help="AdamW learning rate (default 1e-3)")
@@ -108,7 +110,7 @@ def add_train_parsers(sub) -> None:
     t.add_argument("--dweight", type=float, help="SoftREPA diffusion-loss weight (default 0)")
     t.add_argument("--tau", type=float, help="SoftREPA temperature (default 0.07)")
     t.add_argument("--gamma-pos", type=float, help="AGSM gamma+ (default 1)")
-    t.add_argument("--gamma-neg", type=float, help="AGSM gamma- (default 1 for UNets, 0.1 for SD3)")
+    t.add_argument("--gamma-neg", type=float, help="AGSM gamma- (default 1 for UNets, 0.1 for SD3 and Flux)")
     t.add_argument("--ema-decay", type=float, help="AGSM EMA decay (default 0.9999)")
     t.add_argument("--max-bad-steps", type=int, help="stop after this many non-finite steps in a row (default 5)")
     t.add_argument("--val-data", help="held-out dataset (default: --val-fraction of --data)")
@@ -149,6 +151,9 @@ def _add_model_args(p) -> None:
     p.add_argument("--device", help="torch device (default cuda if available, else cpu)")
     p.add_argument("--size", type=int, default=512, help="training / scoring image size (default 512)")
     p.add_argument("--cache", help="folder for cached latents and text conditioning (default: in memory)")
+    p.add_argument("--guidance", type=float, help="Flux.1 dev: the distilled guidance value the model is conditioned "
+                                                  "on (default 3.5, FluxPipeline's and ComfyUI's); schnell and the "
+                                                  "other families have none")
 
 
 def _existing(path, what: str) -> Path:
@@ -209,12 +214,21 @@ def _source(args) -> Path:
 
 
 def _source_arch(args, source: Path) -> str:
-    """sd15 / sdxl / sd3 of the --model pipeline (model_index.json) or the --ckpt file (its header); no weights."""
+    """sd15 / sdxl / sd3 / flux ... of the --model pipeline (model_index.json) or the --ckpt file (its header);
+    no weights. Also refuses --guidance for a model that is not Flux."""
     if args.ckpt:
         from .single_file import detect_checkpoint_arch
 
-        return detect_checkpoint_arch(source)
-    return _pipeline_arch(source)
+        arch = detect_checkpoint_arch(source)
+    else:
+        arch = _pipeline_arch(source)
+    _check_guidance(args, arch)
+    return arch
+
+
+def _check_guidance(args, arch: str) -> None:
+    if getattr(args, "guidance", None) is not None and arch != "flux":
+        raise ValueError(f"--guidance only applies to Flux.1 dev, not {arch}")
 
 
 def _load(args):
@@ -251,6 +265,8 @@ def _load_model(args, model: Path):
         kwargs["alphas_cumprod"] = schedule_from_folder(model)  # the pipeline's own noise schedule
     if model_family(denoiser) == "unet":
         kwargs["prediction"] = prediction_from_folder(model)  # epsilon, or v (SD2.x 768-v, v-pred SDXL)
+    if getattr(args, "guidance", None) is not None:  # Flux dev only (the backend refuses schnell)
+        kwargs["guidance"] = args.guidance
     backend = DiffusersBackend(denoiser, autocast_dtype=None if args.dtype == "fp32" else args.dtype,
                                gradient_checkpointing=getattr(args, "grad_checkpointing", False), **kwargs)
     encoders = Encoders.from_pipeline(model, device=device, dtype=dtype, image_size=args.size)
@@ -306,13 +322,16 @@ def cmd_train(args) -> int:
                          "or --val-limit, or pass --val-data")
 
     backend, encoders = _load(args)
+    info = describe_model(backend.denoiser)
     if state is not None:
         layout = TokenLayout.from_json(state["layout"])
     else:
-        info = describe_model(backend.denoiser)
         time_on = uses_time_table(arch, args.method, args.time)
         layout = TokenLayout(arch=arch, method=args.method, n_tokens=args.tokens, width=info["text_width"],
                              text_width=info["text_width"], blocks=tuple(blocks), time_buckets=100 if time_on else 0)
+    # before any file is written (e.g. --layers beyond the model's joint/double blocks)
+    layout.check_model(info["family"], info["text_width"], info.get("n_blocks"), info.get("embed_width"),
+                       name="token layout", model_arch=info.get("arch"))
     cache = EncodeCache(encoders, root=args.cache)
     cache.prepare(train_ds)
     val = None
@@ -323,6 +342,8 @@ def cmd_train(args) -> int:
     init = bos_init(encoders.encode_text([""])["context"]) if arch == "sd15" else None
     meta = {("ckpt" if args.ckpt else "model"): str(source), "data": str(data), "arch": arch, "dtype": args.dtype,
             "size": args.size, "data_report": train_ds.report()}
+    if getattr(backend, "flux", False) and backend.denoiser.config.guidance_embeds:
+        meta["guidance"] = backend.guidance
     trainer = Trainer(backend, layout, DatasetData(train_ds, cache, cfg.batch, cfg.seed, backend.device), cfg,
                       files.out, val=val, init_static=init, resume=args.resume, overwrite=args.overwrite,
                       meta=meta, progress=not args.no_progress)
@@ -406,7 +427,7 @@ def _train_with_comfy(args) -> int:
     if args.ckpt:  # header checks (file type, supported family) before loading anything
         from .single_file import detect_checkpoint_arch
 
-        detect_checkpoint_arch(source, comfy=True)  # ComfyUI also loads SD2.x, SD3.5, v-prediction SDXL
+        _check_guidance(args, detect_checkpoint_arch(source, comfy=True))  # also SD2.x, SD3.5, v-pred SDXL
     else:
         _source_arch(args, source)
     if args.val_data or args.config or args.dtype == "fp16":

@@ -13,7 +13,8 @@ Supported denoisers:
   (N, 16, h, w) is packed into 2x2 patches (N, h/2 * w/2, 64) with image ids (0, row, col)
   and zero text ids, the timestep passed is sigma = t/1000, and the output is unpacked again.
   Cond keys: "context" (P, n, 4096), "pooled" (P, 768) and, for dev (guidance_embeds), an
-  optional "guidance" (P,) (default 3.5, ComfyUI's default); guidance is just conditioning.
+  optional "guidance" (P,) (default: the backend's ``guidance``, 3.5 as in ComfyUI and
+  FluxPipeline); guidance is just conditioning. Schnell has no guidance embedding.
 
 The backbone is frozen (requires_grad False) and kept in eval mode, so dropout is off. Soft
 tokens enter through one ``TokenInjector`` per token layout, installed on first use and left
@@ -60,10 +61,13 @@ class DiffusersBackend:
             eval mode, so results are unchanged).
         autocast_dtype: None (no autocast), torch.bfloat16/"bf16" or torch.float16/"fp16".
             Tokens stay fp32 master weights and are cast where they are inserted.
+        guidance: Flux dev's distilled guidance value when the cond has no "guidance" (default
+            3.5); refused for models without a guidance embedding (UNets, SD3, Flux schnell).
     """
 
     def __init__(self, denoiser, prediction: str | None = None, alphas_cumprod: torch.Tensor | None = None,
-                 extra_cond_fn=None, gradient_checkpointing: bool = False, autocast_dtype=None):
+                 extra_cond_fn=None, gradient_checkpointing: bool = False, autocast_dtype=None,
+                 guidance: float | None = None):
         self.family = model_family(denoiser)
         native = PREDICTIONS[self.family]
         prediction = prediction or native
@@ -94,6 +98,10 @@ class DiffusersBackend:
         self._injectors: dict = {}
         self.sdxl = self.family == UNET and getattr(denoiser.config, "addition_embed_type", None) == "text_time"
         self.flux = is_flux(denoiser)
+        if guidance is not None and not (self.flux and denoiser.config.guidance_embeds):
+            raise ValueError(f"guidance={guidance} only applies to Flux dev (a guidance-distilled model); "
+                             f"{type(denoiser).__name__} has no guidance embedding")
+        self.guidance = float(FLUX_GUIDANCE if guidance is None else guidance)
         if gradient_checkpointing:
             self._enable_checkpointing()
 
@@ -170,7 +178,7 @@ class DiffusersBackend:
                       "encoder_hidden_states": cast(cond["context"]), "pooled_projections": cast(cond["pooled"])}
             if self.denoiser.config.guidance_embeds:
                 g = cond.get("guidance")
-                kwargs["guidance"] = (torch.full((n,), FLUX_GUIDANCE, device=self.device, dtype=self.dtype)
+                kwargs["guidance"] = (torch.full((n,), self.guidance, device=self.device, dtype=self.dtype)
                                       if g is None else cast(torch.as_tensor(g)).reshape(-1).expand(n))
         else:
             kwargs = {"hidden_states": cast(z_t), "timestep": t, "encoder_hidden_states": cast(cond["context"]),

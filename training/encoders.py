@@ -13,6 +13,11 @@ network) and produces exactly the conditioning both official repos feed the deno
   (``t5_max_length``, official 512) as ``context`` (N,589,4096); CLIP-L || CLIP-G pooled as
   ``pooled`` (N,2048). Without T5 (absent from the folder or ``use_t5=False``) its part is zeros,
   as in diffusers. The null conditioning is encode("").
+- flux: T5 (``text_encoder_2``) last hidden state, ``t5_max_length`` tokens (default 512 for dev,
+  256 for schnell, as the model cards call FluxPipeline) as ``context`` (N,L,4096); CLIP-L's
+  (``text_encoder``, CLIPTextModel) pooled output as ``pooled`` (N,768), as diffusers'
+  ``FluxPipeline._get_t5_prompt_embeds`` / ``_get_clip_prompt_embeds``. Guidance (dev) is not a
+  text feature: the backend adds it. The null conditioning is encode("").
 
 Latents: ``vae.encode(x).latent_dist`` gives mean and std; the scaled latent is
 (z - shift_factor) * scaling_factor (shift 0 except SD3). ``encode_images`` SAMPLES from the
@@ -36,6 +41,7 @@ from .layouts import ARCH_FAMILY
 
 CLIP_LENGTH = 77
 SD3_T5_LENGTH = 512  # SR:sampler.py L69-105 (diffusers' pipeline default is 256)
+FLUX_T5_LENGTH = {True: 512, False: 256}  # guidance_embeds: dev 512, schnell 256 (model cards)
 _HASH_CONTENT_BELOW = 8 << 20  # hash config/tokenizer files by content, weights by size + mtime
 
 
@@ -62,9 +68,11 @@ class Encoders:
 
     @classmethod
     def from_pipeline(cls, path, arch: str | None = None, device="cpu", dtype=torch.float32,
-                      image_size: int = 512, t5_max_length: int = SD3_T5_LENGTH, use_t5: bool = True,
+                      image_size: int = 512, t5_max_length: int | None = None, use_t5: bool = True,
                       vae_path=None, vae_dtype=None, sample: bool = True) -> "PipelineEncoders":
-        """Encoders of a local diffusers pipeline folder (sd15, sdxl or sd3; detected when ``arch`` is None).
+        """Encoders of a local diffusers pipeline folder (sd15, sdxl, sd3 or flux; detected when ``arch`` is None).
+
+        ``t5_max_length`` None: 512 (SD3, Flux dev) or 256 (Flux schnell).
 
         ``image_size`` is the training resolution (SDXL time_ids). ``vae_path`` replaces the
         pipeline's VAE with another local AutoencoderKL folder (the official SDXL runs use
@@ -123,7 +131,7 @@ class PipelineEncoders(Encoders):
     """Tokenizers, text encoders and VAE of a local diffusers pipeline folder (see module docstring)."""
 
     def __init__(self, path, arch=None, device="cpu", dtype=torch.float32, image_size=512,
-                 t5_max_length=SD3_T5_LENGTH, use_t5=True, vae_path=None, vae_dtype=None, sample=True):
+                 t5_max_length=None, use_t5=True, vae_path=None, vae_dtype=None, sample=True):
         root = _local_pipeline(path)
         index = json.loads((root / "model_index.json").read_text(encoding="utf-8"))
         arch = arch or detect_arch(index, root)
@@ -133,17 +141,17 @@ class PipelineEncoders(Encoders):
         # cut to the penultimate OpenCLIP layer), SD3.5 like SD3 (CLIP-L, CLIP-G, T5): self.arch is that
         # encoding convention.
         arch = {"sd2": "sd15", "sd35": "sd3"}.get(arch, arch)
-        if arch == "flux":
-            raise ValueError("encoding prompts for Flux.1 (CLIP-L pooled + T5) is not supported by the standalone "
-                             "trainer yet; train Flux tokens in ComfyUI (its CLIP encodes the dataset) or pass "
-                             "pre-encoded conditioning")
         if int(image_size) < 8 or int(image_size) % 8:
             raise ValueError(f"image_size must be a positive multiple of 8, got {image_size}")
-        if arch == "sd3" and int(t5_max_length) < 1:
+        if t5_max_length is None:
+            dev = bool(_denoiser_config(root, "transformer").get("guidance_embeds", True))
+            t5_max_length = FLUX_T5_LENGTH[dev] if arch == "flux" else SD3_T5_LENGTH
+        if arch in ("sd3", "flux") and int(t5_max_length) < 1:
             raise ValueError(f"t5_max_length must be positive, got {t5_max_length}")
         text_parts = {"sd15": ("tokenizer", "text_encoder"),
                       "sdxl": ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2"),
-                      "sd3": ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2")}[arch]
+                      "sd3": ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2"),
+                      "flux": ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2")}[arch]
         if arch == "sd3" and use_t5 and _present(index, root, "text_encoder_3"):
             text_parts += ("tokenizer_3", "text_encoder_3")
         for part in text_parts:
@@ -163,7 +171,7 @@ class PipelineEncoders(Encoders):
                 self.parts[part] = _load_tokenizer(root, part, index)
             else:
                 self.parts[part] = _load_text_encoder(root, part, index, dtype, self.device)
-        self.has_t5 = "text_encoder_3" in self.parts
+        self.has_t5 = "text_encoder" + self._t5_suffix in self.parts
         self.t5_width = self._t5_width(root)
 
         from diffusers import AutoencoderKL
@@ -179,15 +187,20 @@ class PipelineEncoders(Encoders):
         settings = {"arch": arch, "dtype": str(dtype)}
         if arch == "sdxl":
             settings["image_size"] = self.image_size
-        if arch == "sd3":
+        if arch in ("sd3", "flux"):
             settings.update(t5=self.has_t5, t5_max_length=self.t5_max_length, t5_width=self.t5_width)
         self._text_id = _fingerprint("text", settings, [root / p for p in text_parts], root)
         self._image_id = _fingerprint("image", {"dtype": str(vae_dtype)}, [vae_root], root)
         self._identity = f"{arch}-{hashlib.sha256((self._text_id + self._image_id).encode()).hexdigest()[:16]}"
 
+    @property
+    def _t5_suffix(self) -> str:
+        """T5's part suffix: text_encoder_2 in Flux, text_encoder_3 in SD3."""
+        return "_2" if self.arch == "flux" else "_3"
+
     def _t5_width(self, root) -> int:
         if self.has_t5:
-            return int(self.parts["text_encoder_3"].config.d_model)
+            return int(self.parts["text_encoder" + self._t5_suffix].config.d_model)
         cfg = root / "transformer" / "config.json"
         if cfg.is_file():  # diffusers zero-fills T5 with the transformer's joint_attention_dim
             return int(json.loads(cfg.read_text(encoding="utf-8")).get("joint_attention_dim", 4096))
@@ -209,7 +222,7 @@ class PipelineEncoders(Encoders):
         n = len(prompts)
         if not self.has_t5:
             return torch.zeros(n, self.t5_max_length, self.t5_width, device=self.device, dtype=self.dtype)
-        tok, enc = self.parts["tokenizer_3"], self.parts["text_encoder_3"]
+        tok, enc = self.parts["tokenizer" + self._t5_suffix], self.parts["text_encoder" + self._t5_suffix]
         ids = tok(prompts, padding="max_length", max_length=self.t5_max_length, truncation=True,
                   add_special_tokens=True, return_tensors="pt").input_ids.to(self.device)
         return enc(ids)[0]
@@ -228,6 +241,14 @@ class PipelineEncoders(Encoders):
                 time_ids = torch.tensor([[s, s, 0, 0, s, s]], device=self.device, dtype=h1.dtype)
                 return {"context": torch.cat([h1, h2], dim=-1), "text_embeds": pooled,
                         "time_ids": time_ids.repeat(len(prompts), 1)}
+            if self.arch == "flux":  # FluxPipeline: CLIPTextModel's pooler_output, T5's last hidden state
+                tok, enc = self.parts["tokenizer"], self.parts["text_encoder"]
+                ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                          return_tensors="pt").input_ids.to(self.device)
+                pooled = getattr(enc(ids, output_hidden_states=False), "pooler_output", None)
+                if pooled is None:
+                    raise ValueError("Flux's text_encoder must be a CLIPTextModel (pooled output)")
+                return {"context": self._t5(prompts), "pooled": pooled}
             h1, p1 = self._clip(prompts, "", penultimate=True)
             h2, p2 = self._clip(prompts, "_2", penultimate=True)
             if p1 is None or p2 is None:
@@ -266,9 +287,13 @@ class PipelineEncoders(Encoders):
 # --- helpers -------------------------------------------------------------------------------
 
 def detect_arch(index: dict, root: Path | None = None) -> str:
-    """sd15 / sd2 / sdxl / sd3 / sd35 from a pipeline's model_index.json (and, given the folder, the
+    """sd15 / sd2 / sdxl / sd3 / sd35 / flux from a pipeline's model_index.json (and, given the folder, the
     denoiser's config.json: SD3.5 has qk-norm, SD2.x a 1024-wide cross-attention)."""
     name = str(index.get("_class_name", ""))
+    transformer = index.get("transformer")
+    if "Flux" in name or (isinstance(transformer, (list, tuple)) and "Flux" in str(transformer[-1])) \
+            or _denoiser_config(root, "transformer").get("_class_name") == "FluxTransformer2DModel":
+        return "flux"
     if "StableDiffusion3" in name or "transformer" in index and "text_encoder_2" in index:
         return "sd35" if _denoiser_config(root, "transformer").get("qk_norm") else "sd3"
     if "XL" in name or "text_encoder_2" in index and "unet" in index:

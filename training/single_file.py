@@ -96,7 +96,10 @@ def _arch_of(shapes: dict, path: Path, comfy: bool = False) -> str:
     elif has(D + "joint_blocks."):
         return _check_in_channels(shapes, D + "x_embedder.proj.weight", 16, "sd3", path)
     elif has(D + "double_blocks.") or has("double_blocks."):
-        what = "a Flux model"
+        what = ("a Flux model; Flux ships as a separate diffusion-model file (models/diffusion_models) with its "
+                "text encoders and VAE apart, which this loader does not assemble: train Flux tokens with "
+                "ComfyUI's trainer nodes (Load Diffusion Model + DualCLIPLoader), or pass --model a local "
+                "diffusers FluxPipeline folder")
     elif has(D + "input_blocks."):
         ctx = _context_dim(shapes)
         if D + "label_emb.0.0.weight" in shapes:  # SDXL-type UNet (size/crop conditioning)
