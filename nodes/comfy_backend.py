@@ -31,7 +31,7 @@ import comfy.model_management
 import comfy.model_sampling
 
 from ..training.layouts import MMDIT
-from .patch import has_soft_tokens, install_soft_tokens, model_facts
+from .patch import has_soft_tokens, install_soft_tokens, model_facts, needs_pooled
 
 PREDICTIONS = ("epsilon", "v", "flow")
 
@@ -82,7 +82,7 @@ class ComfyBackend:
 
     Use it inside ``with backend.session():`` (loads the clone through ComfyUI's model
     management on its device, outside inference mode; unloads it afterwards).
-    Cond keys: "context" (P, n, d) and, for SDXL/SD3, "pooled" (P, p).
+    Cond keys: "context" (P, n, d) and, for SDXL/SD3/Flux.1, "pooled" (P, p).
     """
 
     def __init__(self, model, tokens, gradient_checkpointing: bool = False, autocast_dtype=None):
@@ -91,6 +91,7 @@ class ComfyBackend:
                              "connect the model without them")
         model_facts(model)  # unsupported families fail here
         self.base_model = model
+        self.needs_pooled = needs_pooled(model)
         self.prediction = prediction_of(model.get_model_object("model_sampling"))
         self.patcher = model.clone()
         self.patch = install_soft_tokens(self.patcher, tokens)
@@ -252,7 +253,7 @@ class ComfyBackend:
               "width": x.shape[-1] * 8, "height": x.shape[-2] * 8}
         if "pooled" in cond:
             kw["pooled_output"] = _plain(cond["pooled"]).to(self.device)
-        elif getattr(self.model, "adm_channels", 0):
+        elif self.needs_pooled:
             raise ValueError("this model needs pooled text conditioning ('pooled'); encode the dataset with "
                              "the model's own CLIP")
         out = {}

@@ -25,7 +25,8 @@ from ..training.cache import EncodeCache
 from ..training.checkpoint import safe_subfolder
 from ..training.datasets import CaptionDataset, open_dataset
 from ..training.encoders import Encoders
-from .patch import model_facts
+from ..training.layouts import FLUX
+from .patch import model_facts, needs_pooled
 
 OUTSIDE = "image outside the dataset folder"
 
@@ -150,8 +151,12 @@ class EncodedDataset:
             problems.append(f"text conditioning is {self.facts['context_width']} wide, the model takes {want_ctx}")
         if self.facts["latent_channels"] not in (None, lat):
             problems.append(f"latents have {self.facts['latent_channels']} channels, the model {lat}")
-        if getattr(base, "adm_channels", 0) and self.facts["pooled_width"] is None:
+        pooled = self.facts["pooled_width"]
+        if needs_pooled(model) and pooled is None:
             problems.append("the model needs pooled text conditioning, which this CLIP does not give")
+        if f.get("arch") == FLUX and pooled is not None and pooled != base.diffusion_model.params.vec_in_dim:
+            problems.append(f"pooled text conditioning is {pooled} wide, the model takes "
+                            f"{base.diffusion_model.params.vec_in_dim}")
         if problems:
             raise ValueError(f"the dataset was encoded for another model ({'; '.join(problems)}). Encode it with "
                              "the CLIP and VAE of the checkpoint you train on.")

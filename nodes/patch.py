@@ -65,6 +65,12 @@ def model_facts(model) -> dict:
                      f"{type(model.model).__name__} ({type(dm).__name__}) is not supported yet")
 
 
+def needs_pooled(model) -> bool:
+    """True when the denoiser takes a pooled text vector: an ADM input (SDXL, SD3) or Flux.1's vector_in
+    (ComfyUI gives Flux adm_channels 0, but its encode_adm reads the pooled output)."""
+    return bool(getattr(model.model, "adm_channels", 0)) or model_facts(model).get("arch") == FLUX
+
+
 def _has_qk_norm(dm) -> bool:
     """True for SD3.5 (Medium and Large): its joint blocks RMS-normalise q and k; SD3 has none."""
     ln_q = getattr(dm.joint_blocks[0].context_block.attn, "ln_q", None)

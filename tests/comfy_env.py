@@ -20,12 +20,17 @@ Tiny models (seeded random weights, N(0, 1/fan_in), zero biases, unit norms; not
 * ``tiny_sd3(seed, depth, num_blocks)`` - ``comfy.supported_models.SD3`` MMDiT
   (hidden = 64*depth, heads = depth, ``num_blocks`` joint blocks), context 4096,
   pooled 2048, flow model (shift 3).
-* ``tiny_clip_sd15`` / ``tiny_clip_sd3`` - ``comfy.sd.CLIP`` with ComfyUI's shipped tokenizers and
-  shrunken CLIP-L (/-G, optional T5) text models (fp16, as ComfyUI loads text encoders).
+* ``tiny_flux(seed, guidance, depth, single)`` - ``comfy.supported_models.Flux`` (dev, guidance
+  embedding) or ``FluxSchnell``: hidden 64, 2 heads, ``depth`` double / ``single`` single blocks,
+  context 4096, pooled (vec) 768, 16 latent channels.
+* ``tiny_clip_sd15`` / ``tiny_clip_sd3`` / ``tiny_clip_flux`` - ``comfy.sd.CLIP`` with ComfyUI's shipped
+  tokenizers and shrunken CLIP-L (/-G, optional T5; Flux: CLIP-L + T5) text models (fp16, as ComfyUI
+  loads text encoders).
 * ``tiny_vae(seed, latent_channels, kind)`` - ``comfy.sd.VAE``: tiny AutoencoderKL ("kl") or TAESD, /8.
 * ``tiny_checkpoint(family, seed, inference, loadable)`` - consistent (MODEL, CLIP, VAE) for "sd15"/"sd3",
   built under ``torch.inference_mode()`` by default; ``save_tiny_checkpoint(path, family, seed)`` writes
   a single-file checkpoint that ``comfy.sd.load_checkpoint_guess_config`` detects and loads.
+  ``tiny_flux_checkpoint(seed, guidance)`` - the same for Flux.1 (in memory only; not in FAMILIES).
 
 Forward equivalence with diffusers (fp32, same weights, see tests/integration):
 
@@ -257,6 +262,30 @@ def tiny_sd3(seed=0, depth=2, num_blocks=2, context_dim=4096, adm_in_channels=20
     return _patcher(model)
 
 
+TINY_FLUX = {"image_model": "flux", "in_channels": 16, "out_channels": 16, "vec_in_dim": 768,
+             "context_in_dim": 4096, "hidden_size": 64, "mlp_ratio": 4.0, "num_heads": 2, "depth": 3,
+             "depth_single_blocks": 2, "axes_dim": [8, 12, 12], "theta": 10000, "patch_size": 2,
+             "qkv_bias": True, "guidance_embed": True}
+
+
+def tiny_flux(seed=0, guidance=True, depth=3, single=2, init_std=None, overrides=None):
+    """ModelPatcher around a tiny Flux.1 built through ComfyUI's classes: comfy.supported_models.Flux (dev:
+    guidance embedding; ComfyUI's extra_conds feed guidance 3.5 unless the conditioning sets one) or
+    FluxSchnell (guidance=False). Hidden 64, 2 heads (rotary axes 8+12+12), `depth` double-stream and
+    `single` single-stream blocks, T5 context 4096 -> txt_in, CLIP-L pooled 768 -> vector_in; flow model
+    (Flux's resolution-dependent shift), 16 latent channels, patch 2. `overrides` updates the config
+    (e.g. a wider hidden_size/num_heads for benchmarks; axes_dim must sum to hidden/heads)."""
+    _require()
+    import comfy.supported_models
+    cfg = dict(TINY_FLUX, guidance_embed=guidance, depth=depth, depth_single_blocks=single, **(overrides or {}))
+    model_config = (comfy.supported_models.Flux if guidance else comfy.supported_models.FluxSchnell)(cfg)
+    model_config.set_inference_dtype(torch.float32, None)
+    model = model_config.get_model({})
+    init_weights(model.diffusion_model, seed, init_std)
+    model.eval()
+    return _patcher(model)
+
+
 def _base_model(model):
     """BaseModel from a ModelPatcher or BaseModel."""
     return model if hasattr(model, "diffusion_model") else model.model
@@ -339,6 +368,34 @@ def tiny_clip_sd3(seed=0, hidden_l=768, hidden_g=1280, layers=3, heads=2, interm
     target = comfy.supported_models_base.ClipTarget(
         sd3_clip.SD3Tokenizer, sd3_clip.sd3_clip(clip_l=bool(hidden_l), clip_g=bool(hidden_g), t5=t5))
     return _tiny_clip(target, options, seed, inference)
+
+
+def tiny_clip_flux(seed=0, hidden_l=768, layers=2, heads=2, intermediate=None, t5_layers=1, inference=True):
+    """comfy.sd.CLIP for Flux.1: text_encoders.flux.FluxTokenizer + flux_clip() (CLIP-L + T5-XXL), shrunk via
+    model_options: CLIP-L `layers` x `hidden_l` (its pooled output is Flux's vec input: 768 = tiny_flux's
+    vec_in_dim), T5 with the real d_model 4096 (Flux's context width) but `t5_layers` layers, 2 heads of 32
+    and d_ff 64. CLIPTextEncode gives, like ComfyUI's Flux pipeline, cond = the T5 output (1, 256, 4096)
+    (FluxTokenizer pads T5 to 256 tokens) and pooled_output = CLIP-L pooled (1, hidden_l).
+    ~170M params (fp16 340 MB), dominated by the 32128 x 4096 T5 and 49408 x 768 CLIP embeddings."""
+    _require()
+    import comfy.supported_models_base
+    import comfy.text_encoders.flux as flux
+    options = {"clip_l_model_config": _clip_config(hidden_l, layers, heads, intermediate),
+               "t5xxl_model_config": {"num_layers": t5_layers, "num_heads": 2, "d_kv": 32, "d_ff": 64}}
+    target = comfy.supported_models_base.ClipTarget(flux.FluxTokenizer, flux.flux_clip())
+    return _tiny_clip(target, options, seed, inference)
+
+
+def tiny_flux_checkpoint(seed=0, guidance=True, inference=True):
+    """(MODEL, CLIP, VAE) of a tiny Flux.1: tiny_flux + tiny_clip_flux (cond (1, 256, 4096), pooled (1, 768))
+    + tiny_vae(16 channels), consistent widths, built under torch.inference_mode() by default like a loader
+    node. In memory only: ComfyUI's checkpoint detection needs real Flux widths, so there is no loadable file."""
+    _require()
+    with torch.inference_mode(inference):
+        model = tiny_flux(seed, guidance=guidance)
+    clip = tiny_clip_flux(seed, inference=inference)
+    vae = tiny_vae(seed, latent_channels=16, inference=inference)
+    return model, clip, vae
 
 
 def tiny_vae_config(latent_channels=4, ch=32, ch_mult=(1, 2, 2, 2), num_res_blocks=1):
@@ -497,7 +554,8 @@ def sample(model_patcher, positive_context, negative_context, positive_pooled=No
     """Run real ComfyUI sampling (comfy.sample.sample, i.e. what KSampler does) on a tiny latent.
 
     Contexts are (B, L, D) token tensors in ComfyUI's CONDITIONING format. Models with an ADM
-    input (SD3) get zero pooled vectors when none are given. The result is in VAE latent space
+    input (SD3) or a pooled vector input (Flux) get zero pooled vectors when none are given.
+    The result is in VAE latent space
     (process_latent_out applied: SD15 /0.18215, SD3 /1.5305 + 0.0609), float32, CPU.
     Runs under torch.no_grad(). With return_calls=True also returns one dict per model call:
     {"cond_or_uncond": [...], "batch": int, "sigma": tensor}.
@@ -508,11 +566,13 @@ def sample(model_patcher, positive_context, negative_context, positive_pooled=No
     if latent is None:
         c = base.latent_format.latent_channels
         latent = torch.zeros(batch, c, *latent_hw)
-    if base.adm_channels:
+    params = getattr(base.diffusion_model, "params", None)  # Flux: adm_channels 0, pooled -> vector_in
+    pooled_width = base.adm_channels or (params.vec_in_dim if hasattr(params, "vec_in_dim") else 0)
+    if pooled_width:
         if positive_pooled is None:
-            positive_pooled = torch.zeros(positive_context.shape[0], base.adm_channels)
+            positive_pooled = torch.zeros(positive_context.shape[0], pooled_width)
         if negative_pooled is None:
-            negative_pooled = torch.zeros(negative_context.shape[0], base.adm_channels)
+            negative_pooled = torch.zeros(negative_context.shape[0], pooled_width)
     positive = make_cond(positive_context, positive_pooled)
     negative = make_cond(negative_context, negative_pooled)
 

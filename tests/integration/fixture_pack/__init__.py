@@ -84,6 +84,22 @@ class TinySDXLCheckpoint:
         return tiny_sdxl_checkpoint(seed)
 
 
+class TinyFluxCheckpoint:
+    """(MODEL, CLIP, VAE) of a tiny Flux.1 (comfy_env.tiny_flux_checkpoint): dev (guidance embedding) or schnell."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"variant": (["dev", "schnell"],), "seed": ("INT", {"default": 0})}}
+
+    RETURN_TYPES = ("MODEL", "CLIP", "VAE")
+    FUNCTION = "load"
+    CATEGORY = "_for_testing/soft tokens"
+
+    def load(self, variant, seed):
+        return comfy_env.tiny_flux_checkpoint(seed, guidance=variant == "dev")
+
+
 NODE_CLASS_MAPPINGS = {"SoftTokensTestTinySD15": TinySD15, "SoftTokensTestConditioning": RandomConditioning,
                        "SoftTokensTestTinyCheckpoint": TinyCheckpoint,
-                       "SoftTokensTestTinySDXLCheckpoint": TinySDXLCheckpoint}
+                       "SoftTokensTestTinySDXLCheckpoint": TinySDXLCheckpoint,
+                       "SoftTokensTestTinyFluxCheckpoint": TinyFluxCheckpoint}
