@@ -561,21 +561,27 @@ def test_server_graphs_execute(server):
         "positive": ["2", 0], "negative": ["3", 0], "latent_image": ["4", 0], "denoise": 1.0, "refine_at": 0.25,
         "iterations": 2, "step_size": 20.0, "loss": "cn+iou", "attention_downscale": 2}}}
     _ok(server, _graph(ks))
-    custom = {
-        "6": {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler_ancestral"}},
-        "7": {"class_type": "StepSelectedRefinement", "inputs": {
-            "sampler": ["6", 0], "refine_at": -1.0, "iterations": 2, "step_size": 20.0, "loss": "cn",
-            "smoothing": True, "attention_downscale": 2, "refine_step": 1}},
-        "8": {"class_type": "BasicScheduler", "inputs": {"model": ["1", 0], "scheduler": "normal", "steps": 4,
+    custom = _custom_sampling(["1", 0], "euler_ancestral", "normal", 4, 5.0, loss="cn", attention_downscale=2,
+                              refine_step=1)
+    _ok(server, _graph(custom))
+
+
+def _custom_sampling(model, sampler_name, scheduler, steps, cfg, **refine):
+    """KSamplerSelect -> Step-Selected Refinement -> SamplerCustomAdvanced (node "5") on ``model``."""
+    refinement = {"sampler": ["6", 0], "refine_at": -1.0, "iterations": 2, "step_size": 20.0, "loss": "cn+iou",
+                  "smoothing": True, "attention_downscale": 4, "refine_step": -1, **refine}
+    return {
+        "6": {"class_type": "KSamplerSelect", "inputs": {"sampler_name": sampler_name}},
+        "7": {"class_type": "StepSelectedRefinement", "inputs": refinement},
+        "8": {"class_type": "BasicScheduler", "inputs": {"model": model, "scheduler": scheduler, "steps": steps,
                                                          "denoise": 1.0}},
         "12": {"class_type": "RandomNoise", "inputs": {"noise_seed": 0}},
-        "13": {"class_type": "CFGGuider", "inputs": {"model": ["1", 0], "positive": ["2", 0], "negative": ["3", 0],
-                                                     "cfg": 5.0}},
+        "13": {"class_type": "CFGGuider", "inputs": {"model": model, "positive": ["2", 0], "negative": ["3", 0],
+                                                     "cfg": cfg}},
         "5": {"class_type": "SamplerCustomAdvanced", "inputs": {"noise": ["12", 0], "guider": ["13", 0],
                                                                 "sampler": ["7", 0], "sigmas": ["8", 0],
                                                                 "latent_image": ["4", 0]}},
     }
-    _ok(server, _graph(custom))
 
 
 def test_server_with_soft_tokens_sd15_and_sd3(server, pack):
@@ -597,21 +603,7 @@ def test_server_with_soft_tokens_sd15_and_sd3(server, pack):
               "denoise": 1.0, "refine_at": 0.25, "iterations": 2, "step_size": 20.0, "loss": "cn+iou",
               "attention_downscale": 2}}}
     _ok(server, _graph(ks))
-    g = _graph({
-        "14": load("tiny_sd3.safetensors"),
-        "6": {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}},
-        "7": {"class_type": "StepSelectedRefinement", "inputs": {
-            "sampler": ["6", 0], "refine_at": -1.0, "iterations": 2, "step_size": 20.0, "loss": "cn+iou",
-            "smoothing": True, "attention_downscale": 4, "refine_step": -1}},
-        "8": {"class_type": "BasicScheduler", "inputs": {"model": ["14", 0], "scheduler": "simple", "steps": 6,
-                                                         "denoise": 1.0}},
-        "12": {"class_type": "RandomNoise", "inputs": {"noise_seed": 0}},
-        "13": {"class_type": "CFGGuider", "inputs": {"model": ["14", 0], "positive": ["2", 0], "negative": ["3", 0],
-                                                     "cfg": 4.0}},
-        "5": {"class_type": "SamplerCustomAdvanced", "inputs": {"noise": ["12", 0], "guider": ["13", 0],
-                                                                "sampler": ["7", 0], "sigmas": ["8", 0],
-                                                                "latent_image": ["4", 0]}},
-    })
+    g = _graph({"14": load("tiny_sd3.safetensors"), **_custom_sampling(["14", 0], "euler", "simple", 6, 4.0)})
     g["1"]["inputs"]["family"] = "sd3"
     g["4"] = {"class_type": "EmptySD3LatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}}
     _ok(server, g)
