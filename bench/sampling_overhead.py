@@ -18,9 +18,9 @@ faults once the thresholds are pinned (last row, glibc only). At 64x64 and up th
 are mmapped on both sides, the faults are equal and so is the time (+0.8%, control -0.0%);
 CUDA's caching allocator never returns memory this way.
 
-Flux row, first measurements (1 thread, a 2-core machine shared with other jobs): +3.4% (11 pairs,
-a test run alongside) and +3.1% (7 pairs), control -1.9%: at the target within this machine's noise,
-not clearly below it. ~2M minor faults per run on both sides (~13 s per 4-step run).
+Flux row: +1.8% (control -1.0%) in a full run of this script alone on the 2-core machine (11 pairs,
+1 thread, ~11.5 s per 4-step run, ~2M minor faults on both sides). Earlier runs on the same machine
+shared with other jobs read +3.1% and +3.4% (control -1.9%): load, not the patch.
 
     COMFYUI_PATH=/path/to/ComfyUI python bench/sampling_overhead.py [--repeats 11] [--threads 1]
 """
