@@ -414,34 +414,42 @@ def sd15_shared_seed_loaders(g, note_text):
     return ckpt_n, latent, seed
 
 
+def side_by_side_sd15(note_parts, prompt, first, second, stitch_title, prefix, subjects=None):
+    """Two KSamplers on one prompt, latent and seed, decoded and stitched (left: first, right: second).
+
+    first/second: (use_tokens, title, extra ksampler kwargs); use_tokens picks the model with soft tokens.
+    """
+    g = Graph()
+    ckpt_n, latent, seed = sd15_shared_seed_loaders(g, note_parts)
+    c_cond = g.column("2. Prompt and soft tokens", "condition")
+    load = load_tokens(g, c_cond, ckpt_n, "softrepa-sd1.5/")
+    pos, neg = prompts(g, c_cond, ckpt_n, 1, prompt, **({"subjects": subjects} if subjects else {}))
+    c_sample = g.column("3. Sample", "sample")
+    samples = [ksampler(g, c_sample, load if tokens else ckpt_n, pos, neg, latent, SD15_SETTINGS, seed=seed,
+                        title=title, **extra) for tokens, title, extra in (first, second)]
+    c_dec = g.column("3. Sample", "sample")
+    decoded = [decode(g, c_dec, s, ckpt_n, align=s, width=160) for s in samples]
+    c_out = g.column("4. Side by side", "output")
+    grid = stitch(g, c_out, decoded[0], decoded[1], title=stitch_title, width=W_OUT)
+    save(g, c_out, grid, prefix, size=(W_OUT, 300))
+    return g.to_json()
+
+
 def compare_sd15():
     """Same prompt, latent and seed through the model with and without tokens, stitched into one image."""
-    g = Graph()
-    ckpt_n, latent, seed = sd15_shared_seed_loaders(g, (
+    return side_by_side_sd15((
         "With and without soft tokens, side by side (SD1.5)",
         "One prompt, one empty latent and one seed feed two KSamplers: the top one samples the plain "
         "checkpoint, the bottom one the checkpoint with soft tokens. The saved image shows both: left without "
         "tokens, right with tokens. Change the seed or the prompt once; both samplers follow.",
-        "Any token file works here, e.g. your own from the training workflow."))
-    c_cond = g.column("2. Prompt and soft tokens", "condition")
-    load = load_tokens(g, c_cond, ckpt_n, "softrepa-sd1.5/")
-    pos, neg = prompts(g, c_cond, ckpt_n, 1, SD15_PROMPT)
-    c_sample = g.column("3. Sample", "sample")
-    base = ksampler(g, c_sample, ckpt_n, pos, neg, latent, SD15_SETTINGS, seed=seed, title="KSampler: without tokens")
-    tok = ksampler(g, c_sample, load, pos, neg, latent, SD15_SETTINGS, seed=seed, title="KSampler: with soft tokens")
-    c_dec = g.column("3. Sample", "sample")
-    d_base = decode(g, c_dec, base, ckpt_n, align=base, width=160)
-    d_tok = decode(g, c_dec, tok, ckpt_n, align=tok, width=160)
-    c_out = g.column("4. Side by side", "output")
-    grid = stitch(g, c_out, d_base, d_tok, title="without | with tokens", width=W_OUT)
-    save(g, c_out, grid, "soft_tokens_compare", size=(W_OUT, 300))
-    return g.to_json()
+        "Any token file works here, e.g. your own from the training workflow."), SD15_PROMPT,
+        (False, "KSampler: without tokens", {}), (True, "KSampler: with soft tokens", {}),
+        "without | with tokens", "soft_tokens_compare")
 
 
 def refine_sd15():
     """Step-selected refinement next to the plain KSampler (same model, prompt, latent and seed), side by side."""
-    g = Graph()
-    ckpt_n, latent, seed = sd15_shared_seed_loaders(g, (
+    return side_by_side_sd15((
         "Step-selected refinement vs the plain KSampler (SD1.5)",
         "One two-subject prompt, one empty latent and one seed feed two samplers on the same model with soft "
         "tokens: the top one is the core KSampler, the bottom one KSampler (Step-Selected Refinement). The "
@@ -451,21 +459,9 @@ def refine_sd15():
         "follow.",
         "The positive prompt goes through CLIP Text Encode (Refinement Subjects): list the prompt's subject words "
         "under 'subjects', separated by commas. iterations 0 gives exactly the plain KSampler's image; each "
-        "iteration costs one forward and backward pass of the model."))
-    c_cond = g.column("2. Prompt and soft tokens", "condition")
-    load = load_tokens(g, c_cond, ckpt_n, "softrepa-sd1.5/")
-    pos, neg = prompts(g, c_cond, ckpt_n, 1, REFINE_PROMPT, subjects=REFINE_SUBJECTS)
-    c_sample = g.column("3. Sample", "sample")
-    base = ksampler(g, c_sample, load, pos, neg, latent, SD15_SETTINGS, seed=seed, title="KSampler: plain")
-    ref = ksampler(g, c_sample, load, pos, neg, latent, SD15_SETTINGS, seed=seed, refine=REFINE_DEFAULTS,
-                   title="KSampler: step-selected refinement")
-    c_dec = g.column("3. Sample", "sample")
-    d_base = decode(g, c_dec, base, ckpt_n, align=base, width=160)
-    d_ref = decode(g, c_dec, ref, ckpt_n, align=ref, width=160)
-    c_out = g.column("4. Side by side", "output")
-    grid = stitch(g, c_out, d_base, d_ref, title="plain | refined", width=W_OUT)
-    save(g, c_out, grid, "soft_tokens_refine", size=(W_OUT, 300))
-    return g.to_json()
+        "iteration costs one forward and backward pass of the model."), REFINE_PROMPT,
+        (True, "KSampler: plain", {}), (True, "KSampler: step-selected refinement", {"refine": REFINE_DEFAULTS}),
+        "plain | refined", "soft_tokens_refine", subjects=REFINE_SUBJECTS)
 
 
 SWEEP = (0.0, 0.5, 1.0, 1.5)
