@@ -121,6 +121,9 @@ def add_train_parsers(sub) -> None:
     _add_model_args(t)
     t.add_argument("--grad-checkpointing", action="store_true", help="recompute backbone activations in backward")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.add_argument("--dist-timeout", type=float, default=600.0,
+                   help="under torchrun: seconds a rank waits for the others in a collective before the job fails "
+                        "(default 600)")
     t.set_defaults(fn=cmd_train)
 
     s = sub.add_parser("score", help="alignment score (diffusion-classifier accuracy) with and without tokens")
@@ -163,8 +166,9 @@ def _existing(path, what: str) -> Path:
     return p
 
 
-def _train_config(args):
-    """TrainConfig from the arguments; on --resume, the checkpoint's config with --steps/--ckpt-every."""
+def _train_config(args, state=None):
+    """TrainConfig from the arguments; with a loaded --resume checkpoint ``state``, its config with
+    --steps/--ckpt-every."""
     from .trainer import RESUME_MUTABLE, TrainConfig
 
     given = {"steps": args.steps, "batch": args.batch, "lr": args.lr, "chunk": args.chunk, "seed": args.seed,
@@ -173,20 +177,15 @@ def _train_config(args):
              "gamma_pos": args.gamma_pos, "gamma_neg": args.gamma_neg, "ema_decay": args.ema_decay,
              "max_bad_steps": args.max_bad_steps}
     given = {k: v for k, v in given.items() if v is not None}
-    if args.resume:
-        from .checkpoint import load_checkpoint
-
-        state = load_checkpoint(args.resume)
+    if state is not None:
         fixed = sorted(k for k in given if k not in RESUME_MUTABLE and given[k] != state["config"][k])
         if fixed:
             raise ValueError(f"--resume continues the checkpoint's configuration; only {', '.join(RESUME_MUTABLE)} "
                              f"may change (got {', '.join(fixed)})")
         if state["config"]["method"] != args.method:
             raise ValueError(f"the checkpoint trains {state['config']['method']}, not {args.method}")
-        cfg = TrainConfig.from_dict({**state["config"], **{k: given[k] for k in RESUME_MUTABLE if k in given}})
-        return cfg, state
-    cfg = TrainConfig(method=args.method, **given)
-    return cfg, None
+        return TrainConfig.from_dict({**state["config"], **{k: given[k] for k in RESUME_MUTABLE if k in given}})
+    return TrainConfig(method=args.method, **given)
 
 
 def _pipeline_arch(model: Path) -> str:
@@ -231,12 +230,12 @@ def _check_guidance(args, arch: str) -> None:
         raise ValueError(f"--guidance only applies to Flux.1 dev, not {arch}")
 
 
-def _load(args):
-    """(backend, encoders) of --model or --ckpt."""
+def _load(args, device=None):
+    """(backend, encoders) of --model or --ckpt, on ``device`` (default: --device, else cuda if available)."""
     if args.ckpt:
-        backend, encoders, _ = _load_ckpt(args)
+        backend, encoders, _ = _load_ckpt(args, device)
         return backend, encoders
-    return _load_model(args, Path(args.model))
+    return _load_model(args, Path(args.model), device)
 
 
 def _dtype(args):
@@ -251,14 +250,14 @@ def _device(args):
     return torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
-def _load_model(args, model: Path):
+def _load_model(args, model: Path, device=None):
     """(backend, encoders) for a local pipeline folder."""
     from .diffusers_backend import DiffusersBackend, load_denoiser, prediction_from_folder, schedule_from_folder
     from .diffusers_hooks import model_family
     from .encoders import Encoders
 
     dtype = _dtype(args)
-    device = _device(args)
+    device = device or _device(args)
     denoiser = load_denoiser(model, dtype=dtype).to(device)
     kwargs = {}
     if model_family(denoiser) == "unet" and schedule_from_folder(model) is not None:
@@ -273,38 +272,88 @@ def _load_model(args, model: Path):
     return backend, encoders
 
 
-def _load_ckpt(args):
+def _load_ckpt(args, device=None):
     """(backend, encoders, arch) for a single-file checkpoint (--ckpt, optional --config).
 
     Without ComfyUI: diffusers' single-file conversion with local configs (training/single_file.py).
     """
     from .single_file import load_single_file
 
-    return load_single_file(args.ckpt, config=args.config, device=_device(args), dtype=_dtype(args),
+    return load_single_file(args.ckpt, config=args.config, device=device or _device(args), dtype=_dtype(args),
                             image_size=args.size, gradient_checkpointing=getattr(args, "grad_checkpointing", False),
                             autocast_dtype=None if args.dtype == "fp32" else args.dtype)
 
 
 def cmd_train(args) -> int:
-    from .checkpoint import RunFiles
+    from . import distributed
 
-    if _use_comfy(args):
-        return _train_with_comfy(args)
-    files = RunFiles.of(args.out)
-    source = _source(args)
-    data = _existing(args.data, "dataset")
-    if args.val_data:
-        _existing(args.val_data, "validation dataset")
-    if args.resume:
-        _existing(args.resume, "checkpoint")
-    else:
-        files.check_new(args.overwrite)
-    arch = _source_arch(args, source)
-    cfg, state = _train_config(args)
-    cfg.check()
+    if not distributed.launched():
+        if _use_comfy(args):
+            return _train_with_comfy(args)
+        return _train(args, distributed.SINGLE)
+    if args.backend == "comfy":
+        raise ValueError("training under torchrun runs on the diffusers backend; pass --backend diffusers or auto")
+    import signal
+
+    dist = distributed.init(args.dist_timeout)
+    _stop_on_sigterm(dist)
+    try:
+        code = _train(args, dist)
+    finally:  # the run is saved (or failed): the launcher's SIGTERM must not interrupt the exit
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    distributed.shutdown()
+    return code
+
+
+def _stop_on_sigterm(dist) -> None:
+    """torchrun stops the other ranks with SIGTERM when one fails: end like Ctrl-C (rank 0 saves the
+    run as of its last completed step) instead of dying mid-write."""
+    import signal
+
+    def stop(signum, frame):
+        if dist.is_main:
+            print("rank 0: SIGTERM from the launcher (another rank failed, or the job was stopped); saving the run "
+                  "as of its last completed step", file=sys.stderr)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+
+
+def _train(args, dist) -> int:
+    """The diffusers-backend training run, on one process or as one rank of a torchrun job."""
+    from . import distributed
+    from .checkpoint import RunFiles, load_checkpoint
+
+    # Checks before any heavy work; under torchrun every rank stops on any rank's error (``agree``).
+    error = state = None
+    try:
+        files = RunFiles.of(args.out)
+        source = _source(args)
+        data = _existing(args.data, "dataset")
+        if args.val_data:
+            _existing(args.val_data, "validation dataset")
+        if dist.is_main:  # only rank 0 reads the checkpoint and writes files
+            if args.resume:
+                state = load_checkpoint(_existing(args.resume, "checkpoint"))
+            else:
+                files.check_new(args.overwrite)
+        arch = _source_arch(args, source)
+        device = distributed.device(dist, args.device)
+        cfg = _train_config(args, state)
+        cfg.check()
+        if dist.enabled and cfg.batch < dist.world_size:
+            raise ValueError(f"--batch {cfg.batch} gives fewer image rows than the {dist.world_size} processes; "
+                             "use at most as many processes as images per step")
+    except Exception as e:
+        error = e
+    dist.agree(error)
+    if args.resume and dist.enabled:
+        state = dist.broadcast(state, "sending the checkpoint from rank 0")
+        cfg = _train_config(args, state)
     if state is None:  # check the token layout choices now (widths are known once the model is loaded)
         blocks = parse_blocks(args.blocks) if args.blocks else default_blocks(arch, args.method, args.layers)
         TokenLayout(arch=arch, method=args.method, n_tokens=args.tokens, width=8, text_width=8, blocks=tuple(blocks))
+    say = print if dist.is_main else (lambda *a, **k: None)
 
     # Heavy work from here on.
     from .cache import EncodeCache
@@ -314,14 +363,14 @@ def cmd_train(args) -> int:
 
     ds = open_dataset(data, size=args.size)
     train_ds, val_ds = split_dataset(ds, args.val_fraction, seed=cfg.seed, val_path=args.val_data)
-    print(f"data: {train_ds.summary()}")
+    say(f"data: {train_ds.summary()}")
     group = cfg.score_group or cfg.batch
     if val_ds is not None and min(val_ds.n_images, args.val_limit) < group:
         raise ValueError(f"validation needs at least {group} held-out images (one group of candidates for the "
                          f"alignment score); got {min(val_ds.n_images, args.val_limit)}. Raise --val-fraction "
                          "or --val-limit, or pass --val-data")
 
-    backend, encoders = _load(args)
+    backend, encoders = _load(args, device)
     info = describe_model(backend.denoiser)
     if state is not None:
         layout = TokenLayout.from_json(state["layout"])
@@ -332,22 +381,34 @@ def cmd_train(args) -> int:
     # before any file is written (e.g. --layers beyond the model's joint/double blocks)
     layout.check_model(info["family"], info["text_width"], info.get("n_blocks"), info.get("embed_width"),
                        name="token layout", model_arch=info.get("arch"))
+    # Every rank encodes (or reads a shared --cache: its writes are atomic, so ranks never clash).
     cache = EncodeCache(encoders, root=args.cache)
     cache.prepare(train_ds)
     val = None
     if val_ds is not None:
         cache.prepare(val_ds)
         val = cache.first_caption_pairs(val_ds, args.val_limit)
-        print(f"validation: {val[0].shape[0]} held-out pairs")
+        say(f"validation: {val[0].shape[0]} held-out pairs")
     init = bos_init(encoders.encode_text([""])["context"]) if arch == "sd15" else None
     meta = {("ckpt" if args.ckpt else "model"): str(source), "data": str(data), "arch": arch, "dtype": args.dtype,
             "size": args.size, "data_report": train_ds.report()}
     if getattr(backend, "flux", False) and backend.denoiser.config.guidance_embeds:
         meta["guidance"] = backend.guidance
+    if dist.enabled:
+        import torch
+
+        say(f"torchrun: {dist.world_size} processes ({torch.distributed.get_backend()}), each evaluating "
+            f"{len(dist.rows(cfg.batch))} of the {cfg.batch} image rows of every step against all {cfg.batch} captions")
     trainer = Trainer(backend, layout, DatasetData(train_ds, cache, cfg.batch, cfg.seed, backend.device), cfg,
-                      files.out, val=val, init_static=init, resume=args.resume, overwrite=args.overwrite,
-                      meta=meta, progress=not args.no_progress)
-    return _report(trainer.run(), files, cfg)
+                      files.out, val=val, init_static=init, resume=state, overwrite=args.overwrite,
+                      meta=meta, progress=not args.no_progress, dist=dist)
+    res = trainer.run()
+    return _report(res, files, cfg) if dist.is_main else _exit_code(res)
+
+
+def _exit_code(res) -> int:
+    """0 done, 3 NaN stop, 130 cancelled."""
+    return {"nan": 3, "cancelled": 130}.get(res.stopped, 0)
 
 
 def _report(res, files, cfg) -> int:
@@ -479,8 +540,13 @@ def cmd_score(args) -> int:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    from .distributed import RankFailure
+
     try:
         return args.fn(args)
     except (ValueError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except RankFailure as e:
+        print("\n".join([f"error: {e}"] + list(getattr(e, "__notes__", []))), file=sys.stderr)
+        return 1

@@ -50,34 +50,47 @@ def softrepa_loss(E: torch.Tensor, scale: float = 4.0, tau: float = 0.07, dweigh
     return softrepa_row_losses(E, labels, scale, tau, dweight).mean()
 
 
-def softrepa_loss_grad(E: torch.Tensor, scale: float = 4.0, tau: float = 0.07, dweight: float = 0.0) -> torch.Tensor:
+def softrepa_loss_grad(E: torch.Tensor, scale: float = 4.0, tau: float = 0.07, dweight: float = 0.0,
+                       labels: torch.Tensor | None = None, batch: int | None = None) -> torch.Tensor:
     """dL/dE of softrepa_loss in closed form:
-    (1/B) * [(softmax_j(l_i.) - 1[i=j]) * (-l_ij / tau) + dweight * 1[i=j]], l = scale*exp(-E/tau)."""
-    _check_square(E)
-    B = E.shape[0]
+    (1/B) * [(softmax_j(l_i.) - 1[i=j]) * (-l_ij / tau) + dweight * 1[i=j]], l = scale*exp(-E/tau).
+
+    For some image rows of a batch: E (n, B) those rows, ``labels`` (n,) their matched prompts
+    and ``batch`` the global B (defaults: the square matrix of every row)."""
+    if labels is None:
+        _check_square(E)
+        labels = torch.arange(E.shape[0], device=E.device)
+    B = E.shape[1] if batch is None else batch
     E = E.detach()
     logits = scale * torch.exp(-E / tau)
-    eye = torch.eye(B, dtype=E.dtype, device=E.device)
-    return ((torch.softmax(logits, dim=1) - eye) * (-logits / tau) + dweight * eye) / B
+    onehot = F.one_hot(labels.to(E.device), E.shape[1]).to(E.dtype)
+    return ((torch.softmax(logits, dim=1) - onehot) * (-logits / tau) + dweight * onehot) / B
 
 
 def softrepa_step(backend, tokens: SoftTokens, x0: torch.Tensor, cond: dict, t, noise: torch.Tensor, *,
                   scale: float = 4.0, tau: float = 0.07, dweight: float = 0.0, chunk: int | None = None,
-                  two_pass: bool | None = None, grad_scale: float = 1.0) -> dict:
+                  two_pass: bool | None = None, grad_scale: float = 1.0, rows: torch.Tensor | None = None) -> dict:
     """One SoftREPA step: accumulate dL/dtokens over all B*B pairs; no optimizer step.
 
     chunk: pairs per denoiser call (None: all pairs at once). two_pass: when chunk < B*B, None
     chooses whole-row chunks if chunk >= B and the GradCache scheme otherwise; True forces
     GradCache. grad_scale multiplies the backpropagated loss (fp16 loss scaling, e.g. a
     GradScaler's scale; unscale before the optimizer step); the returned loss is unscaled.
-    Returns {"loss": float, "E": (B, B) errors (rows images, columns prompts), "mode": str}.
+    rows: the image rows to evaluate (a LongTensor; None = all B). The loss is a sum over rows,
+    so the rows of a batch split across processes give partial losses and gradients that sum
+    to the whole batch's (training/distributed.py); the normalisation stays the global 1/B.
+    Returns {"loss": float (of these rows), "E": (n, B) errors of these rows (columns prompts),
+    "mode": str}.
     """
     B = _check_batch(x0, cond)
     check_chunk(chunk)
     if scale <= 0 or tau <= 0:
         raise ValueError(f"scale and tau must be positive, got scale={scale}, tau={tau}")
     t = step_t(t)
-    n = B * B
+    dev = x0.device
+    R = _check_rows(rows, B, dev)
+    r = R.shape[0]
+    n = r * B
     if chunk is None or chunk >= n:
         mode = "naive"
     elif two_pass or (two_pass is None and chunk < B):
@@ -86,42 +99,43 @@ def softrepa_step(backend, tokens: SoftTokens, x0: torch.Tensor, cond: dict, t, 
         raise ValueError(f"chunk={chunk} is smaller than one image row ({B} pairs): use two_pass=True")
     else:
         mode = "rows"
-    z, u = forward_process(backend, x0, noise, t)
-    errors = lambda i, j: pair_mse(predict_pairs(backend, z, t, cond, tokens, i, j), u[i])  # noqa: E731
+    if r == 0:  # more processes than images: this one has no rows
+        return {"loss": 0.0, "E": torch.empty(0, B, device=dev), "mode": mode}
+    z, u = forward_process(backend, x0[R], noise, t)  # local row a is image R[a]
+    errors = lambda a, j: pair_mse(predict_pairs(backend, z, t, cond, tokens, a, j), u[a])  # noqa: E731
     loss_args = (scale, tau, dweight)
 
     if mode == "naive":
-        img, prm = pair_grid(B, B, x0.device)
-        E = to_matrix(errors(img, prm), B)
-        loss = softrepa_loss(E, *loss_args)
+        a, prm = pair_grid(r, B, dev)
+        E = to_matrix(errors(a, prm), r)
+        loss = softrepa_row_losses(E, R, *loss_args).sum() / B
         (loss * grad_scale).backward()
         return {"loss": loss.item(), "E": E.detach(), "mode": mode}
 
     if mode == "rows":
-        E = torch.empty(B, B, dtype=torch.float32, device=x0.device)
+        E = torch.empty(r, B, dtype=torch.float32, device=dev)
         per = chunk // B
         total = 0.0
-        for r0 in range(0, B, per):
-            rows = torch.arange(r0, min(r0 + per, B), device=x0.device)
-            e = errors(rows.repeat_interleave(B), torch.arange(B, device=x0.device).repeat(len(rows)))
-            e = e.view(len(rows), B)
-            part = softrepa_row_losses(e, rows, *loss_args).sum() / B
+        for a0 in range(0, r, per):
+            a = torch.arange(a0, min(a0 + per, r), device=dev)
+            e = errors(a.repeat_interleave(B), torch.arange(B, device=dev).repeat(len(a))).view(len(a), B)
+            part = softrepa_row_losses(e, R[a], *loss_args).sum() / B
             (part * grad_scale).backward()
-            E[rows] = e.detach()
+            E[a] = e.detach()
             total += part.item()
         return {"loss": total, "E": E, "mode": mode}
 
     # GradCache: errors without grad, closed-form dL/dE, then recompute chunks with grad.
-    img, prm = pair_grid(B, B, x0.device)
-    flat = torch.empty(n, dtype=torch.float32, device=x0.device)
+    a, prm = pair_grid(r, B, dev)
+    flat = torch.empty(n, dtype=torch.float32, device=dev)
     with torch.no_grad():
         for s in chunk_slices(n, chunk):
-            flat[s] = errors(img[s], prm[s])
-    E = to_matrix(flat, B)
-    G = softrepa_loss_grad(E, *loss_args) * grad_scale
+            flat[s] = errors(a[s], prm[s])
+    E = to_matrix(flat, r)
+    G = softrepa_loss_grad(E, *loss_args, labels=R, batch=B) * grad_scale
     for s in chunk_slices(n, chunk):
-        (G[img[s], prm[s]] * errors(img[s], prm[s])).sum().backward()
-    return {"loss": softrepa_loss(E, *loss_args).item(), "E": E, "mode": mode}
+        (G[a[s], prm[s]] * errors(a[s], prm[s])).sum().backward()
+    return {"loss": (softrepa_row_losses(E, R, *loss_args).sum() / B).item(), "E": E, "mode": mode}
 
 
 # --- AGSM ----------------------------------------------------------------------------------
@@ -149,7 +163,8 @@ def agsm_targets(u: torch.Tensor, q: torch.Tensor, labels: torch.Tensor, gamma_p
 
 def agsm_step(backend, tokens: SoftTokens, ema_tokens: SoftTokens, x0: torch.Tensor, cond: dict, t,
               noise: torch.Tensor, *, gamma_pos: float = 1.0, gamma_neg: float = 1.0, temp: float = 0.1,
-              chunk: int | None = None, nrows: int | None = None, grad_scale: float = 1.0) -> dict:
+              chunk: int | None = None, nrows: int | None = None, grad_scale: float = 1.0,
+              rows: torch.Tensor | None = None) -> dict:
     """One AGSM step: accumulate dL/dtokens; no optimizer step, no EMA update.
 
     Pair (i, j) uses psi+ (set 0) when j == i and psi- (set 1) otherwise, for both the online
@@ -163,9 +178,11 @@ def agsm_step(backend, tokens: SoftTokens, ema_tokens: SoftTokens, x0: torch.Ten
     which is the official setting for SD1.5 and SD3 (nrows = B = 4); official SDXL uses
     nrows = 2. ``chunk`` (pairs per denoiser call) is memory only and never changes results.
     grad_scale multiplies the backpropagated loss (fp16 loss scaling), as in softrepa_step.
-    Returns {"loss", "loss_pos", "loss_neg": float, "w": (B, B) softmax weights (rows images),
-    "E_ema": (B, B) EMA errors mean((u - q)^2), "winrate": share of rows whose positive weight
-    beats every negative}.
+    rows: the image rows to evaluate (None = all B). Targets and weights are per image row, so
+    rows split across processes give partial losses and gradients that sum to the batch's.
+    Returns {"loss", "loss_pos", "loss_neg": float (of these rows), "w": (n, B) softmax weights,
+    "E_ema": (n, B) EMA errors mean((u - q)^2), "wins": how many of these rows' positive weight
+    beats every negative, "winrate": wins / n}.
     """
     B = _check_batch(x0, cond)
     check_chunk(chunk)
@@ -184,40 +201,46 @@ def agsm_step(backend, tokens: SoftTokens, ema_tokens: SoftTokens, x0: torch.Ten
                          f"per row chunk of {nrows} rows; got {tuple(noise.shape)}")
     t = step_t(t)
     dev = x0.device
+    R = _check_rows(rows, B, dev)
+    r = R.shape[0]
+    if r == 0:  # more processes than images: this one has no rows
+        empty = torch.empty(0, B, device=dev)
+        return {"loss": 0.0, "loss_pos": 0.0, "loss_neg": 0.0, "w": empty, "E_ema": empty, "wins": 0,
+                "winrate": float("nan")}
     row_chunk = torch.arange(B, device=dev) // nrows
-    z, u = forward_process(backend, x0, noise.to(dev)[row_chunk], t)
-    img, prm = pair_grid(B, B, dev)
+    z, u = forward_process(backend, x0[R], noise.to(dev)[row_chunk[R]], t)  # local row a is image R[a]
+    a, prm = pair_grid(r, B, dev)
+    img = R[a]
     neg = (img != prm).long()  # polarity: 0 = psi+ on the matched prompt, 1 = psi- elsewhere
 
     # EMA predictions q (no grad) for every pair, then the detached targets.
-    q = torch.empty((B * B,) + tuple(x0.shape[1:]), dtype=torch.float32, device=dev)
+    q = torch.empty((r * B,) + tuple(x0.shape[1:]), dtype=torch.float32, device=dev)
     with torch.no_grad():
-        for s in chunk_slices(B * B, chunk):
-            q[s] = predict_pairs(backend, z, t, cond, ema_tokens, img[s], prm[s], neg[s]).detach()
-    q = q.view(B, B, *x0.shape[1:]).transpose(0, 1)  # prompt-major -> (image, prompt)
-    labels = torch.arange(B, device=dev)
-    y, w, _ = agsm_targets(u, q, labels, gamma_pos, gamma_neg, temp)
+        for s in chunk_slices(r * B, chunk):
+            q[s] = predict_pairs(backend, z, t, cond, ema_tokens, a[s], prm[s], neg[s]).detach()
+    q = q.view(B, r, *x0.shape[1:]).transpose(0, 1)  # prompt-major -> (row, prompt)
+    y, w, _ = agsm_targets(u, q, R, gamma_pos, gamma_neg, temp)
     E_ema = (u[:, None] - q).square().flatten(2).mean(2)  # -reward, for diagnostics
     del q
 
     # Per-pair loss weights: 1/n_b for positives, 1/(n_b (n_p - 1)) for negatives.
     n_b = torch.bincount(row_chunk)[row_chunk].to(torch.float32)  # rows in image i's chunk
     weight = torch.where(neg.bool(), 1.0 / (n_b[img] * max(B - 1, 1)), 1.0 / n_b[img])
-    online = torch.arange(B * B, device=dev) if gamma_neg > 0 else (neg == 0).nonzero()[:, 0]
+    online = torch.arange(r * B, device=dev) if gamma_neg > 0 else (neg == 0).nonzero()[:, 0]
     loss_pos = loss_neg = 0.0
     for s in chunk_slices(online.shape[0], chunk):
         k = online[s]
-        i, j = img[k], prm[k]
-        p = predict_pairs(backend, z, t, cond, tokens, i, j, neg[k])
-        terms = weight[k] * pair_mse(p, y[i, j])
+        p = predict_pairs(backend, z, t, cond, tokens, a[k], prm[k], neg[k])
+        terms = weight[k] * pair_mse(p, y[a[k], prm[k]])
         (terms.sum() * grad_scale).backward()
         terms = terms.detach()
         loss_pos += terms[neg[k] == 0].sum().item()
         loss_neg += terms[neg[k] == 1].sum().item()
-    diag = w.diagonal()
-    off = w.masked_fill(torch.eye(B, dtype=torch.bool, device=dev), float("-inf")).amax(1)
+    diag = w.gather(1, R[:, None])[:, 0]
+    off = w.masked_fill(F.one_hot(R, B).bool(), float("-inf")).amax(1)
+    wins = int((diag > off).sum().item())
     return {"loss": loss_pos + loss_neg, "loss_pos": loss_pos, "loss_neg": loss_neg, "w": w, "E_ema": E_ema,
-            "winrate": (diag > off).float().mean().item()}
+            "wins": wins, "winrate": wins / r}
 
 
 # --- EMA tokens ----------------------------------------------------------------------------
@@ -244,6 +267,16 @@ def ema_update(ema_tokens: SoftTokens, tokens: SoftTokens, decay: float = 0.9999
 def _check_square(E: torch.Tensor) -> None:
     if E.ndim != 2 or E.shape[0] != E.shape[1]:
         raise ValueError(f"E must be a square (images x prompts) matrix, got {tuple(E.shape)}")
+
+
+def _check_rows(rows, B: int, device) -> torch.Tensor:
+    """The image rows to evaluate as a LongTensor on ``device`` (None: all B), checked."""
+    if rows is None:
+        return torch.arange(B, device=device)
+    R = torch.as_tensor(rows).to(device=device, dtype=torch.long).reshape(-1)
+    if R.numel() and (R.min() < 0 or R.max() >= B or R.unique().numel() != R.numel()):
+        raise ValueError(f"rows must be distinct image indices in 0..{B - 1}, got {R.tolist()}")
+    return R
 
 
 def _check_batch(x0: torch.Tensor, cond: dict) -> int:

@@ -22,7 +22,7 @@ DEFAULT_TS = (100, 300, 500, 700, 900)
 
 @torch.no_grad()
 def alignment_score(backend, tokens, x0: torch.Tensor, cond: dict, *, group: int = 4, ts=DEFAULT_TS,
-                    seed: int = 0, chunk: int | None = None, base: bool = True) -> dict:
+                    seed: int = 0, chunk: int | None = None, base: bool = True, dist=None) -> dict:
     """Diffusion-classifier accuracy of the matched captions, with ``tokens`` and (``base``) without.
 
     x0: (N, C, h, w) latents; cond: N caption rows (row i is image i's caption); pairs beyond the
@@ -30,6 +30,9 @@ def alignment_score(backend, tokens, x0: torch.Tensor, cond: dict, *, group: int
     Returns a dict with ``accuracy`` / ``error`` (with tokens, when given), ``accuracy_base`` /
     ``error_base`` (plain model, when ``base``), where error is the mean matched-pair error,
     ``per_t`` ({t: {accuracy, accuracy_base}}), ``pairs``, ``groups``, ``group``, ``chance``, ``ts``.
+    dist: a ``training.distributed.Dist`` to split the groups across ranks (every rank draws every
+    group's noise in order, scores its own groups, and the counts are summed); every rank
+    returns the whole result.
     """
     n = x0.shape[0]
     rows = {k: v.shape[0] for k, v in cond.items()}
@@ -56,15 +59,25 @@ def alignment_score(backend, tokens, x0: torch.Tensor, cond: dict, *, group: int
     labels = torch.arange(group)
     hits = {k: torch.zeros(len(ts)) for k in runs}
     err = {k: 0.0 for k in runs}
+    mine = set(dist.groups(n_groups)) if dist is not None else None
     for g in range(n_groups):
         rows = slice(g * group, (g + 1) * group)
         xg, cg = x0[rows], {k: v[rows] for k, v in cond.items()}
         for i, t in enumerate(ts):
             noise = torch.randn((1,) + tuple(x0.shape[1:]), generator=gen).to(x0.device, x0.dtype)
+            if mine is not None and g not in mine:
+                continue  # another rank's group (its noise is drawn all the same, so the stream matches)
             for key, tok in runs.items():
                 E = pair_errors(backend, xg, cg, t, noise, tok, chunk).cpu()
                 hits[key][i] += (E.argmin(dim=1) == labels).sum().item()
                 err[key] += E.diagonal().sum().item()
+    if dist is not None:  # one all-reduce: hits and errors of every run
+        keys = list(runs)
+        buf = torch.cat([torch.cat([hits[k].double(), torch.tensor([err[k]], dtype=torch.float64)]) for k in keys])
+        buf = dist.all_reduce_sum_(buf.to(x0.device), what="the validation all-reduce").cpu()
+        for n_k, k in enumerate(keys):
+            part = buf[n_k * (len(ts) + 1):(n_k + 1) * (len(ts) + 1)]
+            hits[k], err[k] = part[:-1].float(), part[-1].item()
     pairs = n_groups * group
     out = {"pairs": pairs, "groups": n_groups, "group": group, "chance": 1.0 / group, "ts": list(ts)}
     for key in runs:

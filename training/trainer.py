@@ -23,6 +23,10 @@ check and the optimizer step, a step whose loss is finite but whose scaled gradi
 is skipped and halves the scale (an overflow, not a bad step: it does not count toward
 ``max_bad_steps``), and every ``growth_interval`` good steps in a row double it. The scale is
 recorded per step and kept in the checkpoint. fp32 and bf16 runs are unchanged (scale 1).
+
+Several processes (``torchrun``, ``dist``): every rank runs this loop on the same batch, t and
+noise, evaluates its share of the image rows, and one all-reduce per step sums the token
+gradients (training/distributed.py); only rank 0 writes files.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .checkpoint import RunFiles, load_checkpoint, save_checkpoint, write_json
+from .distributed import SINGLE, Dist
 from .formats import save_tokens
 from .layouts import MMDIT, TokenLayout
 from .objectives import agsm_step, ema_update, new_ema_tokens, softrepa_step
@@ -319,24 +324,31 @@ class Trainer:
         progress: show a tqdm progress bar.
         loss_scaler: a ``LossScaler``; None scales dynamically exactly when the backend computes
             in fp16 (``_computes_in_fp16``). A resumed run continues with the checkpoint's scaler.
+        dist: this process's ``Dist`` in a ``torchrun`` job (training/distributed.py): every rank
+            runs the same Trainer on the same data; each evaluates its share of the image rows and
+            of the validation groups, one all-reduce per step sums the token gradients, and only
+            rank 0 writes files (and shows progress). ``resume`` may then be the loaded
+            checkpoint dict (rank 0's, broadcast). None = one process.
     """
 
     def __init__(self, backend, layout: TokenLayout, data, cfg: TrainConfig, out, *, val=None, init_static=None,
                  resume=None, on_step=None, overwrite: bool = False, meta: dict | None = None,
-                 progress: bool = True, loss_scaler: LossScaler | None = None):
+                 progress: bool = True, loss_scaler: LossScaler | None = None, dist: Dist | None = None):
         cfg.check()
         if layout.method != cfg.method:
             raise ValueError(f"the layout is for {layout.method} but the config trains {cfg.method}")
+        self.dist = dist or SINGLE
         self.files = RunFiles.of(out)
         state = None
         if resume is not None:
-            state = load_checkpoint(resume)
+            state = resume if isinstance(resume, dict) else load_checkpoint(resume)
             self._check_resume(state, layout, cfg)
-        else:
+        elif self.dist.is_main:  # only rank 0 writes, so only its files count
             self.files.check_new(overwrite)
         self.backend, self.layout, self.data = backend, layout, data
         self.cfg = cfg.resolved(layout)
-        self.val, self.on_step, self.meta, self.progress = val, on_step, dict(meta or {}), progress
+        self.val, self.on_step, self.meta = val, on_step, dict(meta or {})
+        self.progress = progress and self.dist.is_main
 
         if val is not None and val[0].shape[0] < self.cfg.score_group:
             raise ValueError(f"the validation set has {val[0].shape[0]} pairs, fewer than one group of "
@@ -428,13 +440,16 @@ class Trainer:
         noise = torch.randn((1,) + tuple(x0.shape[1:]), generator=gen).to(x0.device, x0.dtype)
         self.opt.zero_grad(set_to_none=True)
         scale = scaler.scale  # 1.0 without loss scaling: x * 1.0 is exact, results are unchanged
+        rows = self.dist.rows(cfg.batch) if self.dist.enabled else None
         if cfg.method == "softrepa":
             out = softrepa_step(self.backend, self.tokens, x0, cond, t, noise, scale=cfg.scale, tau=cfg.tau,
-                                dweight=cfg.dweight, chunk=cfg.chunk, grad_scale=scale)
+                                dweight=cfg.dweight, chunk=cfg.chunk, grad_scale=scale, rows=rows)
         else:
             out = agsm_step(self.backend, self.tokens, self.ema, x0, cond, t, noise, gamma_pos=cfg.gamma_pos,
-                            gamma_neg=cfg.gamma_neg, temp=cfg.temp, chunk=cfg.chunk, grad_scale=scale)
+                            gamma_neg=cfg.gamma_neg, temp=cfg.temp, chunk=cfg.chunk, grad_scale=scale, rows=rows)
         loss = float(out["loss"])
+        if self.dist.enabled:
+            loss = self._all_reduce_step(loss)
         loss_finite = math.isfinite(loss)
         if loss_finite:
             scaler.unscale_(self.params)
@@ -464,6 +479,22 @@ class Trainer:
         self.history["steps"].append(rec)
         return rec
 
+    def _all_reduce_step(self, loss: float) -> float:
+        """Sum this rank's token gradients and partial loss over the ranks, in one all-reduce.
+
+        The rows' losses are already divided by the global B, so the sums are the whole batch's
+        gradient and loss. A non-finite value on any rank makes the sum non-finite on every
+        rank, so all ranks skip (or back off) the same steps.
+        """
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        buf = torch.cat([g.reshape(-1).float() for g in grads] + [torch.tensor([loss], device=grads[0].device)])
+        self.dist.all_reduce_sum_(buf, what=f"the gradient all-reduce of step {self.step + 1}")
+        offset = 0
+        for p, g in zip(self.params, grads):
+            p.grad = buf[offset:offset + g.numel()].view_as(p).to(p.dtype)
+            offset += g.numel()
+        return buf[-1].item()
+
     # --- validation ----------------------------------------------------------------------
     def validate(self) -> dict:
         """Alignment score on the held-out pairs; keeps the best tokens. {} without val data."""
@@ -471,7 +502,8 @@ class Trainer:
             return {}
         cfg = self.cfg
         x0, cond = self.val
-        kw = dict(group=cfg.score_group, ts=cfg.score_ts, seed=cfg.score_seed, chunk=cfg.chunk)
+        kw = dict(group=cfg.score_group, ts=cfg.score_ts, seed=cfg.score_seed, chunk=cfg.chunk,
+                  dist=self.dist if self.dist.enabled else None)
         if self.base_score is None:
             base = alignment_score(self.backend, None, x0, cond, **kw)
             self.base_score = {"accuracy_base": base["accuracy_base"], "error_base": base["error_base"]}
@@ -481,7 +513,8 @@ class Trainer:
         b = self.best
         if b is None or (s["accuracy"], -s["error"]) > (b["accuracy"], -b["error"]):
             self.best = dict(metrics)
-            save_tokens(self.tokens, self.files.best, train_config=self._train_config("best", metrics))
+            if self.dist.is_main:
+                save_tokens(self.tokens, self.files.best, train_config=self._train_config("best", metrics))
         return metrics
 
     # --- saving --------------------------------------------------------------------------
@@ -492,15 +525,21 @@ class Trainer:
                 "skipped_steps": self.bad_total, **scaling, "val": val if val is not None else self.best}
 
     def save_checkpoint(self) -> None:
+        if not self.dist.is_main:
+            return
         save_checkpoint(self.state_dict(), self.files.ckpt)
         self.save_history()
 
     def save_history(self) -> None:
+        if not self.dist.is_main:
+            return
         write_json({"config": self.cfg.to_dict(), "meta": self.meta, "layout": self.layout.to_json(),
                     "best": self.best, "base": self.base_score, **self.history}, self.files.history)
 
     def save_tokens(self, status: str) -> None:
         """The token file: full training record in ``train_config``, and the headline facts as their own keys."""
+        if not self.dist.is_main:
+            return
         last = self.history["val"][-1] if self.history["val"] else None
         self.tokens.meta.setdefault("source", f"trained ({self.cfg.method})")
         self.tokens.meta.update(status=status, steps=self.step,
@@ -550,6 +589,9 @@ class Trainer:
         except Exception as e:
             try:
                 self._finish("error", t0)
+                if self.dist.enabled and self.dist.is_main:
+                    e.add_note(f"the run was saved as of step {self.step} in {self.files.ckpt}; continue it with "
+                               f"--resume {self.files.ckpt}")
             except Exception as save_error:  # e.g. the disk is full: report both
                 e.add_note(f"saving the partial result failed too: {save_error}")
             raise
@@ -560,8 +602,10 @@ class Trainer:
 
     def _finish(self, stopped: str, t0: float) -> TrainResult:
         """Record how the run ended and save checkpoint and token file."""
-        self.history.setdefault("runs", []).append({"until": self.step, "stopped": stopped,
-                                                    "seconds": round(time.time() - t0, 3)})
+        run = {"until": self.step, "stopped": stopped, "seconds": round(time.time() - t0, 3)}
+        if self.dist.enabled:
+            run["world_size"] = self.dist.world_size
+        self.history.setdefault("runs", []).append(run)
         self.save_checkpoint()
         self.save_tokens(stopped)
         return TrainResult(self.tokens, self.step, stopped, self.files, self.history, self.best)
