@@ -43,6 +43,8 @@ Forward equivalence with diffusers (fp32, same weights, see tests/integration):
   ``SD3Transformer2DModel(x, c, pooled, t).sample`` (velocity), and
   ``model.apply_model(x, sigma, c_crossattn=c, y=pooled)`` == ``x - sigma * v`` with
   ``t = sigma * 1000`` (no input scaling for flow models).
+* Flux.1: ``diffusers_flux(model)`` - FluxTransformer2DModel on the packed latent (the diffusers backend
+  packs/unpacks); ``model.apply_model(x, sigma, c_crossattn=c, y=pooled, guidance=g)`` == ``x - sigma * v``.
 """
 import atexit
 import functools
@@ -743,6 +745,32 @@ def diffusers_sd3(model):
     """diffusers SD3Transformer2DModel (fp32, eval) with the same weights as a tiny comfy SD3."""
     from diffusers import SD3Transformer2DModel
     return _load_meta(SD3Transformer2DModel, diffusers_sd3_config(model), comfy_to_diffusers_sd3_state_dict(model))
+
+
+def diffusers_flux_config(model):
+    """FluxTransformer2DModel kwargs matching a tiny comfy Flux.1 (tiny_flux, any overrides): diffusers works on
+    the packed latent (2x2 patches -> in_channels * 4, patch_size 1)."""
+    cfg = _base_model(model).model_config.unet_config
+    p = cfg["patch_size"]
+    return dict(
+        patch_size=1, in_channels=cfg["in_channels"] * p * p, out_channels=cfg["out_channels"] * p * p,
+        num_layers=cfg["depth"], num_single_layers=cfg["depth_single_blocks"],
+        attention_head_dim=cfg["hidden_size"] // cfg["num_heads"], num_attention_heads=cfg["num_heads"],
+        joint_attention_dim=cfg["context_in_dim"], pooled_projection_dim=cfg["vec_in_dim"],
+        guidance_embeds=cfg["guidance_embed"], axes_dims_rope=tuple(cfg["axes_dim"]),
+    )
+
+
+def diffusers_flux(model):
+    """diffusers FluxTransformer2DModel (fp32, eval) with the same weights as a tiny comfy Flux.1
+    (comfy.utils.flux_to_diffusers key map)."""
+    _require()
+    import comfy.utils
+    from diffusers import FluxTransformer2DModel
+    base = _base_model(model)
+    key_map = comfy.utils.flux_to_diffusers(base.model_config.unet_config, output_prefix="")
+    return _load_meta(FluxTransformer2DModel, diffusers_flux_config(model),
+                      _convert(key_map, base.diffusion_model.state_dict()))
 
 
 def _load_meta(cls, config, state_dict):

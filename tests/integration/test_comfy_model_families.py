@@ -95,20 +95,20 @@ def test_pair_errors_match_diffusers(comfy, pack, family):
         assert (Ec - Eb).abs().max() > 1e-5  # the tokens act
 
 
-# Adam divides by sqrt(v): token entries whose AGSM gradient is ~0 turn ~1e-7 forward differences into
-# larger step differences. SD3.5 AGSM ends 1.2e-4 apart after 5 steps although one step's gradient agrees
-# to 4e-7 (test_one_step_gradients_match_diffusers); kept at 1e-4 and marked, not loosened.
-ADAM_DRIFT = pytest.mark.xfail(strict=True, reason="SD3.5 AGSM: 1.2e-4 after 5 Adam steps (near-zero gradients)")
-
-
+# Adam divides by sqrt(v + eps): with the default eps 1e-8, token entries whose AGSM gradient is ~0 turn ~1e-7
+# forward differences between the backends into step-sized differences (SD3.5 AGSM read 1.2e-4 after 5 steps
+# on one machine and 5.4e-5 on another, while one step's gradient agrees to 4e-7, see
+# test_one_step_gradients_match_diffusers). This test compares the engines, not Adam's conditioning: eps 1e-6
+# keeps near-zero entries from amplifying rounding (every case then drifts <= 3.5e-6), and the tolerance
+# stays 1e-4.
 @pytest.mark.parametrize("family, method", [("sd2", "softrepa"), ("sd2", "agsm"), ("sd35", "softrepa"),
-                                            pytest.param("sd35", "agsm", marks=ADAM_DRIFT)])
+                                            ("sd35", "agsm")])
 def test_five_training_steps_match_diffusers(comfy, pack, family, method, tmp_path):
     T = pack["trainer"]
     model, lay, tok, cb, db = backends(comfy, pack, family, method)
     x0, cond = data(family, n=8)
     cfg = T.TrainConfig(method=method, steps=5, batch=4, seed=3, chunk=8, lr=0.01, tau=1.0, val_every=5,
-                        ckpt_every=0)
+                        ckpt_every=0, eps=1e-6)
     with cb.session():
         rc = T.train(cb, lay, T.TensorData(x0, cond, 4, seed=3), cfg, tmp_path / "c.safetensors", progress=False)
     rd = T.train(db, lay, T.TensorData(x0, cond, 4, seed=3), cfg, tmp_path / "d.safetensors", progress=False)

@@ -6,7 +6,7 @@ import torch
 
 from pack_import import submodule
 
-HIDDEN, HEADS, AXES = 64, 2, [8, 12, 12]
+HIDDEN = 64  # comfy_env.TINY_FLUX's hidden size
 
 
 @pytest.fixture(scope="module")
@@ -17,38 +17,15 @@ def pack(comfy):
         "dbackend": "training.diffusers_backend", "pairs": "training.pairs"}.items()}
 
 
-def flux_config(depth=3, single=2, guidance=True):
-    return {"image_model": "flux", "in_channels": 16, "out_channels": 16, "vec_in_dim": 768,
-            "context_in_dim": 4096, "hidden_size": HIDDEN, "mlp_ratio": 4.0, "num_heads": HEADS, "depth": depth,
-            "depth_single_blocks": single, "axes_dim": list(AXES), "theta": 10000, "patch_size": 2,
-            "qkv_bias": True, "guidance_embed": guidance}
-
-
-def tiny_flux(comfy, seed=0, guidance=True, inference=False, **kw):
-    """ModelPatcher around a tiny Flux built through ComfyUI's classes (dev with guidance, else schnell)."""
-    import importlib
-    sm = importlib.import_module("comfy.supported_models")
-    cfg = flux_config(guidance=guidance, **kw)
+def tiny_flux(comfy, seed=0, guidance=True, inference=False):
+    """comfy_env's tiny Flux (dev with guidance, else schnell), optionally built under inference mode."""
     with torch.inference_mode(inference):
-        mc = (sm.Flux if guidance else sm.FluxSchnell)(cfg)
-        mc.set_inference_dtype(torch.float32, None)
-        model = mc.get_model({})
-        comfy.init_weights(model.diffusion_model, seed)
-        model.eval()
-    return comfy._patcher(model)
+        return comfy.tiny_flux(seed=seed, guidance=guidance)
 
 
 def diffusers_flux(comfy, model):
-    """diffusers FluxTransformer2DModel with the same weights (comfy.utils.flux_to_diffusers map)."""
-    import importlib
-    from diffusers import FluxTransformer2DModel
-    cfg = model.model.model_config.unet_config
-    key_map = importlib.import_module("comfy.utils").flux_to_diffusers(cfg, output_prefix="")
-    sd = comfy._convert(key_map, model.model.diffusion_model.state_dict())
-    return comfy._load_meta(FluxTransformer2DModel, dict(
-        patch_size=1, in_channels=64, num_layers=cfg["depth"], num_single_layers=cfg["depth_single_blocks"],
-        attention_head_dim=HIDDEN // HEADS, num_attention_heads=HEADS, joint_attention_dim=4096,
-        pooled_projection_dim=768, guidance_embeds=cfg["guidance_embed"], axes_dims_rope=tuple(AXES)), sd)
+    """diffusers FluxTransformer2DModel with the same weights."""
+    return comfy.diffusers_flux(model)
 
 
 def flux_tokens(pack, width=HIDDEN, blocks=(0, 1), method="softrepa", seed=3, scale=10.0, arch="flux"):
