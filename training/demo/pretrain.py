@@ -60,6 +60,12 @@ TRAIN_DEFAULTS = dict(steps=2000, batch=64, lr=1e-3, warmup=200, weight_decay=0.
 # scenes) trades counting against binding: after 3600 steps, p_count = 0.3 counted training
 # prompts right 64% of the time and p_count = 0.15 bound their colours right 72% of the time.
 # A shorter run memorises training pairs less: 2000 steps at 0.25 leave both near 0.5.
+DEGRADE_DEFAULTS = dict(degrade_count=0.0, degrade_binding=0.0, degrade_position=0.0)
+# Experimental, off in the shipped recipe: web-like wrong captions (``world.degrade``) in pretraining,
+# the probability that a count scene's caption names a wrong number, that a relation scene's
+# caption swaps the two colours, that it flips the relation. Only the caption changes, never the
+# image; dropped ("") captions stay empty. Kept apart from TRAIN_DEFAULTS, which the shipped
+# config.json records in full; ``train`` accepts them like any other option.
 
 
 def alphas_cumprod() -> torch.Tensor:
@@ -116,17 +122,26 @@ def _save_atomic(obj, path: Path):
 
 
 def train(out_dir, steps: int | None = None, minutes: float | None = None, resume: bool = False,
-          threads: int | None = None, log_every: int = 50, progress: bool = True, **overrides) -> dict:
+          threads: int | None = None, log_every: int = 50, progress: bool = True,
+          unet_config: dict | None = None, text_config: dict | None = None, **overrides) -> dict:
     """Pretrain (or resume) into out_dir/ckpt.pt; returns the final state summary.
 
     ``steps`` fixes the run length (and the cosine schedule); ``minutes`` stops this call early
     after that much wall time (a later call resumes). Checkpoints are written atomically every
     ``checkpoint_minutes`` and at the end. An existing checkpoint is continued only with
-    ``resume=True`` (else ValueError). Unknown keys in ``overrides`` raise ValueError.
+    ``resume=True`` (else ValueError). ``overrides`` are TRAIN_DEFAULTS or DEGRADE_DEFAULTS keys;
+    unknown keys raise ValueError. ``unet_config`` / ``text_config`` change keys of UNET_CONFIG /
+    TEXT_CONFIG for this run (e.g. ``{"attention_head_dim": 16}``, ``{"layers": 3}``); the
+    checkpoint records the architecture and a resumed run keeps it.
     """
-    unknown = set(overrides) - set(TRAIN_DEFAULTS)
+    known = {**TRAIN_DEFAULTS, **DEGRADE_DEFAULTS}
+    unknown = set(overrides) - set(known)
     if unknown:
-        raise ValueError(f"unknown training option(s) {sorted(unknown)}; known: {sorted(TRAIN_DEFAULTS)}")
+        raise ValueError(f"unknown training option(s) {sorted(unknown)}; known: {sorted(known)}")
+    for name, given, base in (("unet_config", unet_config, UNET_CONFIG), ("text_config", text_config, TEXT_CONFIG)):
+        bad = set(given or {}) - set(base)
+        if bad:
+            raise ValueError(f"unknown {name} key(s) {sorted(bad)}; known: {sorted(base)}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     ckpt_path = out / "ckpt.pt"
@@ -135,11 +150,23 @@ def train(out_dir, steps: int | None = None, minutes: float | None = None, resum
     if threads:
         torch.set_num_threads(threads)
     ck = torch.load(ckpt_path, map_location="cpu", weights_only=True) if ckpt_path.exists() else None
-    cfg = {**TRAIN_DEFAULTS, **(ck["cfg"] if ck else {}), **overrides}  # a resumed run keeps its settings
+    cfg = {**known, **(ck["cfg"] if ck else {}), **overrides}  # a resumed run keeps its settings
     if steps is not None:
         cfg["steps"] = int(steps)
+    for k in DEGRADE_DEFAULTS:
+        if not 0.0 <= cfg[k] <= 1.0:
+            raise ValueError(f"{k} is a probability in [0, 1], got {cfg[k]}")
+    ucfg = {**UNET_CONFIG, **(unet_config or {})}
+    tcfg = {**TEXT_CONFIG, **(text_config or {})}
+    if ck:  # the checkpoint's architecture; explicit overrides must agree with it
+        for name, given, have in (("unet_config", unet_config, ck["unet_config"]),
+                                  ("text_config", text_config, ck["text_config"])):
+            for k, v in (given or {}).items():
+                if have[k] != v:
+                    raise ValueError(f"{ckpt_path} was trained with {name} {k}={have[k]}, not {v}")
+        ucfg, tcfg = dict(ck["unet_config"]), dict(ck["text_config"])
 
-    unet, text, tok = build(seed=cfg["seed"])
+    unet, text, tok = build(ucfg, tcfg, seed=cfg["seed"])
     params = list(unet.parameters()) + list(text.parameters())
     opt = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"], betas=(0.9, 0.99))
     ema = [p.detach().clone() for p in params]
@@ -162,7 +189,7 @@ def train(out_dir, steps: int | None = None, minutes: float | None = None, resum
     def save():
         _save_atomic({"unet": unet.state_dict(), "text": text.state_dict(), "opt": opt.state_dict(),
                       "ema": ema, "step": step, "elapsed": elapsed, "rng": torch.get_rng_state(),
-                      "cfg": cfg, "unet_config": UNET_CONFIG, "text_config": TEXT_CONFIG,
+                      "cfg": cfg, "unet_config": ucfg, "text_config": tcfg,
                       "betas": BETAS, "vocab": tok.words}, ckpt_path)
 
     abar = alphas_cumprod().float()
@@ -184,6 +211,10 @@ def train(out_dir, steps: int | None = None, minutes: float | None = None, resum
                 break
             imgs, specs = world.make_batch(cfg["seed"], step, cfg["batch"], p_count=cfg["p_count"])
             x0 = images_to_latents(to_model_images(imgs))
+            if any(cfg[k] > 0 for k in DEGRADE_DEFAULTS):  # web-like captions; own rng: resume stays exact
+                deg_rng = np.random.default_rng([cfg["seed"], step, 7919])
+                specs = [world.degrade(s, deg_rng, cfg["degrade_count"], cfg["degrade_binding"],
+                                       cfg["degrade_position"], split="train") for s in specs]
             caps = [s.caption for s in specs]
             drop = torch.rand(len(caps)) < cfg["p_uncond"]
             caps = ["" if d else c for c, d in zip(caps, drop.tolist())]

@@ -11,6 +11,7 @@ appears in the "train" split; the "heldout" split draws only from it.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -120,6 +121,49 @@ def sample_specs(seed: int, n: int, split: str = "train", p_count: float = 0.5) 
     rng = np.random.default_rng([seed, 1])
     kinds = rng.random(n) < p_count
     return [counts[rng.integers(len(counts))] if k else rels[rng.integers(len(rels))] for k in kinds]
+
+
+@functools.lru_cache(maxsize=None)
+def _split_set(split: str) -> frozenset:
+    return frozenset(split_specs(split))
+
+
+def degrade(spec: Spec, rng: np.random.Generator, p_count: float = 0.0, p_binding: float = 0.0,
+            p_position: float = 0.0, split: str | None = None) -> Spec:
+    """A web-like, sometimes wrong caption spec for an image of ``spec`` (the image is unchanged).
+
+    Count scenes: with probability p_count the number becomes another of 1..4 (uniformly).
+    Relation scenes, independently: with probability p_binding the two objects' colours are
+    swapped ("a red circle left of a blue square" -> "a blue circle left of a red square"; a
+    no-op when both colours are equal), with probability p_position the relation is flipped.
+    With ``split``, a wrong spec outside that split (e.g. a held-out combination) is not used:
+    the count falls back to another wrong number in the split (else unchanged), a colour swap is
+    skipped. Always draws the same random numbers per spec (1 for "which", 3 uniforms), so the
+    stream of ``rng`` does not depend on the rates; all rates 0 return ``spec`` itself.
+    """
+    for name, p in (("p_count", p_count), ("p_binding", p_binding), ("p_position", p_position)):
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"{name} is a probability in [0, 1], got {p}")
+    u = rng.random(3)
+    pick = rng.integers(1 << 30)
+    allowed = None if split is None else _split_set(split)
+    if spec.kind == "count":
+        if u[0] < p_count:
+            others = [Spec("count", spec.objects, n) for n in NUMBERS if n != spec.count]
+            if allowed is not None:
+                others = [o for o in others if o in allowed]
+            if others:
+                return others[pick % len(others)]
+        return spec
+    out = spec
+    if u[1] < p_binding:
+        (c0, s0), (c1, s1) = spec.objects
+        swapped = Spec("relation", ((c1, s0), (c0, s1)), relation=spec.relation)
+        if allowed is None or swapped in allowed:
+            out = swapped
+    if u[2] < p_position:
+        out = Spec("relation", out.objects, relation="right of" if out.relation == "left of" else "left of")
+    return out
 
 
 # --- rendering --------------------------------------------------------------------------------
