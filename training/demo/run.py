@@ -64,6 +64,7 @@ class DemoSize:
     ema_decay: float = 0.99
     lr: float = 1e-2
     batches: str = "near-miss"
+    count_share: float = 0.5  # near-miss batches: share of count groups (the rest: relation groups)
     refine_step: int = DEFAULT_STEP  # step index of the sample_steps schedule (refinement.DEFAULT_STEP: swept)
     # 5, not the sweep's 10: at 10 the two refined rows took 14% of a full run (1 thread, busy machine),
     # 8.6 min -> 10.0 min extrapolated, over the 10-minute budget. At 5: 11% of a full run that took
@@ -125,7 +126,7 @@ def clean_pixel_rate(images: torch.Tensor) -> float:
 def token_data(encode, x_train, c_train, size: DemoSize, seed: int):
     """The Trainer's data: near-miss groups (fresh renders of train-split captions) or random batches."""
     if size.batches == "near-miss":
-        return NearMissData(encode, batch=4, seed=seed)
+        return NearMissData(encode, batch=4, seed=seed, p_count=size.count_share)
     return TensorData(x_train, c_train, 4, seed=seed)
 
 
@@ -350,7 +351,7 @@ Paired change per seed (same prompts and noise):
 | AGSM softmax temperature T | {temps[1]:.2e} (median within-row error spread) | 0.1 | same reason: the weights only see error differences, which T must put at O(1) |
 | AGSM EMA decay | {size.ema_decay} | 0.9999 | 0.9999 lags ~10k steps; these runs are {size.steps} steps |
 | learning rate | {size.lr:g} | 1e-3 | runs of {size.steps} steps, not tens of thousands (at 1e-3 the tokens barely moved) |
-| batch composition | {size.batches}: each batch of 4 images is one near-miss group (an object at counts 1-4, or two objects with colours swapped, shapes swapped and the relation flipped) | random captions | random batches of this world differ mostly in colour and shape, which the model already draws right; near-miss batches put the hard distinctions into the contrastive matrix |
+| batch composition | {size.batches}: each batch of 4 images is one near-miss group (an object at counts 1-4, or two objects with colours swapped, shapes swapped and the relation flipped); count groups {size.count_share:.0%} of the batches | random captions | random batches of this world differ mostly in colour and shape, which the model already draws right; near-miss batches put the hard distinctions into the contrastive matrix |
 | blocks, tokens | down + mid, 4 tokens, BOS init, B = 4 (16 pairs) | the same (SD1.5 SoftREPA: down only) | AGSM's UNet choice, used for both |
 | sampling | {size.sample_steps} DDIM steps | 50 (SD) | keeps the demo within 10 minutes on 2 CPU cores |
 | refinement step | index {size.refine_step} of {size.sample_steps} (t = {t_ref}) | SD1.4: t = 821 or 941 of 50 DDPM steps | chosen the papers' way, on validation prompts (`python -m training refine-sweep`: train-split captions, seeds disjoint from these rows) |
