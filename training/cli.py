@@ -245,9 +245,10 @@ def _dtype(args):
 
 
 def _device(args):
-    import torch
+    """--device, else cuda if available, else cpu (one process; see distributed.device)."""
+    from .distributed import SINGLE, device
 
-    return torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return device(SINGLE, args.device)
 
 
 def _load_model(args, model: Path, device=None):

@@ -531,8 +531,6 @@ class Trainer:
         self.save_history()
 
     def save_history(self) -> None:
-        if not self.dist.is_main:
-            return
         write_json({"config": self.cfg.to_dict(), "meta": self.meta, "layout": self.layout.to_json(),
                     "best": self.best, "base": self.base_score, **self.history}, self.files.history)
 
