@@ -68,7 +68,8 @@ DEGRADE_DEFAULTS = dict(degrade_count=0.0, degrade_binding=0.0, degrade_position
 # the probability that a count scene's caption names a wrong number, that a relation scene's
 # caption swaps the two colours, that it flips the relation. Only the caption changes, never the
 # image; dropped ("") captions stay empty. Kept apart from TRAIN_DEFAULTS, which the shipped
-# config.json records in full; ``train`` accepts them like any other option.
+# config.json records in full; ``train`` accepts them like any other option. Tried at 0.3 on a
+# model with attention_head_dim 16: count's classifier gap shrank, binding and position stayed at chance.
 
 
 def alphas_cumprod() -> torch.Tensor:
