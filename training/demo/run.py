@@ -180,8 +180,12 @@ def run_demo(out_dir="demo_report", size: DemoSize = FULL, progress: bool = True
 
     def align_pairs(seed: int) -> dict:
         # fresh renders drawn per seed, like the GenEval-mini prompts (the token-training data uses seed=1)
-        return {"main": world_pairs(encode, size.n_align, "train", seed=20_000 + seed)[:2],
-                "general": world_pairs(encode, size.n_align, "heldout", seed=30_000 + seed)[:2]}
+        if seed not in evals:
+            evals[seed] = {"main": world_pairs(encode, size.n_align, "train", seed=20_000 + seed)[:2],
+                           "general": world_pairs(encode, size.n_align, "heldout", seed=30_000 + seed)[:2]}
+        return evals[seed]
+
+    evals = {}
 
     diag = diagnose(backend, encode, n=size.n_diag, split="train")
     tau, temp = calibrate_temperatures(backend, x_train, c_train)
