@@ -65,7 +65,7 @@ TRAIN_DEFAULTS = dict(steps=2000, batch=64, lr=1e-3, warmup=200, weight_decay=0.
 # A shorter run memorises training pairs less: 2000 steps at 0.25 leave both near 0.5.
 # Re-run for binding (3600 steps at 0.15, 35 min; validation seed 5): drawn binding 0.748, position 0.430,
 # count 0.522, yet the near-miss classifier stayed near chance for binding (0.385, chance 0.399; 0.448
-# with 20 timesteps) and position (0.552 / 0.573, chance 0.5): on this model the diffusion classifier
+# with 20 timesteps; error on object cells only: 0.354) and position (0.552 / 0.573, chance 0.5): the classifier
 # is a weak probe of binding, so "not known" there may partly be "not measured".
 DEGRADE_DEFAULTS = dict(degrade_count=0.0, degrade_binding=0.0, degrade_position=0.0)
 # Experimental, off in the shipped recipe: web-like wrong captions (``world.degrade``) in pretraining,
