@@ -46,6 +46,8 @@ from .refinement import DEFAULT_SETTINGS, DEFAULT_STEP, GRID, Refiner
 CONDITIONS = ("base", "base_cfg", "softrepa", "agsm", "refine", "both")
 METHODS = ("softrepa", "agsm")
 REFINED = {"refine": None, "both": "softrepa"}  # refined condition -> the tokens it samples with
+# rows whose alignment score is another row's: the score samples nothing, so neither CFG nor refinement changes it
+SAME_SCORE = {"base_cfg": "base", **{c: source or "base" for c, source in REFINED.items()}}
 
 
 @dataclass(frozen=True)
@@ -139,7 +141,7 @@ def measure(unet, encode, backend, tokens, evals: dict, size: DemoSize, seed: in
     papers: prompts of the token-training kind, never used in training) and the alignment score
     on fresh train-split pairs. Generalisation: the same on held-out combinations.
     refine: a ``refinement.Refiner`` for the sampler. align: {"align": ..., "general_align": ...}
-    to reuse instead of scoring (the alignment score samples nothing, so refinement cannot change it).
+    to reuse instead of scoring (the alignment score samples nothing, so neither CFG nor refinement changes it).
     """
     out = {}
     for part, split, n, pairs in (("", "train", size.n_main, evals["main"]),
@@ -177,16 +179,9 @@ def run_demo(out_dir="demo_report", size: DemoSize = FULL, progress: bool = True
     backend = DiffusersBackend(unet, alphas_cumprod=pretrain.alphas_cumprod())
     x_train, c_train, _ = world_pairs(encode, 256, "train", seed=1)
     val = world_pairs(encode, size.n_val, "train", seed=2)[:2]  # validation: the training distribution
-
-    def align_pairs(seed: int) -> dict:
-        # fresh renders drawn per seed, like the GenEval-mini prompts (the token-training data uses seed=1)
-        if seed not in evals:
-            evals[seed] = {"main": world_pairs(encode, size.n_align, "train", seed=20_000 + seed)[:2],
-                           "general": world_pairs(encode, size.n_align, "heldout", seed=30_000 + seed)[:2]}
-        return evals[seed]
-
-    evals = {}
-
+    # alignment pairs: fresh renders drawn per seed, like the GenEval-mini prompts (token training uses seed=1)
+    evals = {s: {"main": world_pairs(encode, size.n_align, "train", seed=20_000 + s)[:2],
+                 "general": world_pairs(encode, size.n_align, "heldout", seed=30_000 + s)[:2]} for s in size.seeds}
     diag = diagnose(backend, encode, n=size.n_diag, split="train")
     tau, temp = calibrate_temperatures(backend, x_train, c_train)
     width = c_train["context"].shape[-1]
@@ -201,12 +196,12 @@ def run_demo(out_dir="demo_report", size: DemoSize = FULL, progress: bool = True
     for seed, cond in jobs:
         bar.set_postfix(seed=seed, run=cond)
         tokens, refiner, align = None, None, None
-        if cond in REFINED:  # same prompts and noise as the unrefined row; its alignment score is reused
-            source = REFINED[cond]
-            tokens = trained.get((source, seed))
+        if cond in REFINED:  # same prompts and noise as the unrefined row
+            tokens = trained.get((REFINED[cond], seed))
             refiner = Refiner(unet, encode.tokenizer, step=size.refine_step, settings=size.refine_settings(),
                               token_layout=tokens.layout if tokens is not None else None)
-            align = {"align": results[source or "base"][-1]["align"]}
+        if cond in SAME_SCORE:
+            align = {"align": results[SAME_SCORE[cond]][-1]["align"]}
         if cond in METHODS:
             layout = TokenLayout(arch="sd15", method=cond, n_tokens=4, width=width, text_width=width,
                                  blocks=("down", "mid"))
@@ -218,7 +213,7 @@ def run_demo(out_dir="demo_report", size: DemoSize = FULL, progress: bool = True
             tokens, histories[(cond, seed)], token_files[(cond, seed)] = res.tokens, res.history, file
             trained[(cond, seed)] = res.tokens
         t0 = time.time()
-        results[cond].append(measure(unet, encode, backend, tokens, align_pairs(seed), size, seed,
+        results[cond].append(measure(unet, encode, backend, tokens, evals[seed], size, seed,
                                      cfg=size.cfg_high if cond == "base_cfg" else size.cfg,
                                      general=cond not in ("base_cfg",) + tuple(REFINED), refine=refiner, align=align))
         seconds[cond] += time.time() - t0
