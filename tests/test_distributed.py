@@ -24,7 +24,7 @@ import torch.multiprocessing as mp
 from training.checkpoint import RunFiles, load_checkpoint
 from training.cli import main as cli_main
 from training.diffusers_backend import DiffusersBackend
-from training.distributed import Dist
+from training.distributed import Dist, shutdown
 from training.formats import load_tokens, train_config_of
 from training.layouts import TokenLayout
 from training.objectives import agsm_step, new_ema_tokens, softrepa_step
@@ -157,7 +157,7 @@ def _rank(rank: int, world: int, tmp: str, method: str):
         shutil.copy(out / "part.ckpt.pt", out / "step3.ckpt.pt")
     state = dist.broadcast(load_checkpoint(out / "part.ckpt.pt") if dist.is_main else None)
     trainer(backend, method, out / "part.safetensors", dist=dist, resume=state).run()
-    torch.distributed.destroy_process_group()
+    shutdown()
 
 
 @pytest.mark.parametrize("world", [2, 3])
