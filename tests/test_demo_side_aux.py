@@ -47,7 +47,7 @@ def test_side_loss_is_low_for_a_head_that_reads_the_side_and_zero_without_relati
 
 def test_side_aux_trains_the_text_encoder_and_resumes_exactly(tmp_path):
     torch.set_num_threads(1)
-    P.train(tmp_path / "off", steps=2, batch=8, progress=False)
+    P.train(tmp_path / "off", steps=2, batch=8, progress=False, side_aux=0.0)
     P.train(tmp_path / "on", steps=2, batch=8, progress=False, side_aux=1.0)
     P.train(tmp_path / "a", steps=4, batch=8, progress=False, side_aux=1.0)
     P.train(tmp_path / "b", steps=2, batch=8, progress=False, side_aux=1.0)
@@ -80,6 +80,6 @@ def test_loss_weights_floor_the_x0_weight_up_to_the_cap():
 
 def test_resume_refuses_another_side_aux(tmp_path):
     torch.set_num_threads(1)
-    P.train(tmp_path / "a", steps=1, batch=4, progress=False)
+    P.train(tmp_path / "a", steps=1, batch=4, progress=False, side_aux=0.0)
     with pytest.raises(ValueError, match="side_aux=0.0, not 0.5"):
         P.train(tmp_path / "a", steps=2, batch=4, resume=True, progress=False, side_aux=0.5)

@@ -192,13 +192,13 @@ def test_shipped_model_loads_and_samples(shipped):
 
 
 def test_shipped_model_was_trained_with_the_default_recipe(shipped):
-    # `python -m training demo --pretrain` (TRAIN_DEFAULTS) must reproduce what is shipped
+    # `python -m training demo --pretrain` (RECIPE) must reproduce what is shipped
     import json
 
     meta = json.loads((P.ASSET_DIR / "config.json").read_text())
     train = meta["train"]
-    assert {k: train[k] for k in P.TRAIN_DEFAULTS} == P.TRAIN_DEFAULTS
-    assert train["step"] == P.TRAIN_DEFAULTS["steps"]
+    assert {k: train[k] for k in P.RECIPE} == P.RECIPE
+    assert train["step"] == P.RECIPE["steps"]
     assert meta["unet_config"] == json.loads(json.dumps(P.UNET_CONFIG))
     assert meta["text_config"] == P.TEXT_CONFIG and tuple(meta["betas"]) == P.BETAS
 
