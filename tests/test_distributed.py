@@ -301,7 +301,8 @@ def test_a_killed_rank_ends_the_job_and_the_checkpoint_resumes(tiny, tmp_path):
     code, _, err = finish(proc, timeout=120)
     assert code != 0 and time.time() - t0 < 90
     assert "rank      : 1" in err and "SIGKILL" in err  # torchrun names the failed rank
-    assert "rank 0" in err and "--resume" in err  # and rank 0 says how to continue
+    # and rank 0 says how to continue (on failure, show all of stderr: this failed once in ~30 runs, CI only)
+    assert "rank 0" in err and "--resume" in err, err
     state = load_checkpoint(ckpt)  # intact and resumable
     step = state["step"]
     assert 3 <= step < 100000 and torch.isfinite(state["tokens"]["static"]).all()
