@@ -112,6 +112,22 @@ def test_geneval_mini_rejects_wrong_images(renders):
     assert acc["overall"] == 0.0 and "count" not in acc  # two objects for "one": overall fails
 
 
+def test_count_misses_tells_too_few_from_too_many(renders):
+    imgs, specs = renders
+    idx = [i for i, s in enumerate(specs) if s.kind == "count" and s.count == 3]
+    found = G.evaluate(imgs[idx], [specs[i] for i in idx], details=True)[2]
+    assert G.count_misses(found, [specs[i] for i in idx]) == {"fewer": 0.0, "more": 0.0}
+    as_two = [world.Spec("count", specs[i].objects, 2) for i in idx]
+    as_four = [world.Spec("count", specs[i].objects, 4) for i in idx]
+    assert G.count_misses(found + found, as_two + as_four) == {"fewer": 0.5, "more": 0.5}
+    one = [world.Spec("count", specs[i].objects, 1) for i in idx]  # single-object prompts are not counted
+    assert np.isnan(G.count_misses(found, one)["fewer"])
+    # two copies drawn touching are one object for the evaluator: "too few"
+    merged = world.render_objects([("red", "square", 10.0, 16.0, 10.0), ("red", "square", 19.0, 16.0, 10.0)])
+    spec = world.Spec("count", (("red", "square"),), 2)
+    assert G.count_misses(G.evaluate(merged[None], [spec], details=True)[2], [spec]) == {"fewer": 1.0, "more": 0.0}
+
+
 def test_geneval_mini_accepts_model_tensors(renders):
     imgs, specs = renders
     x = P.to_model_images(imgs[:10])

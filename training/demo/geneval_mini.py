@@ -176,6 +176,19 @@ def evaluate(images, specs, details: bool = False):
     return (acc, per, found) if details else acc
 
 
+def count_misses(found: list, specs) -> dict:
+    """Shares of the count scenes of 2+ objects drawn with too few and with too many objects.
+
+    found: ``detect`` results per image (``evaluate(..., details=True)[2]``). Copies drawn
+    touching merge into one component, so "fewer" includes merged copies.
+    """
+    specs = [world.parse_caption(s) if isinstance(s, str) else s for s in specs]
+    pairs = [(len(objs), s.count) for objs, s in zip(found, specs) if s.kind == "count" and s.count >= 2]
+    if not pairs:
+        return {"fewer": float("nan"), "more": float("nan")}
+    return {"fewer": float(np.mean([n < c for n, c in pairs])), "more": float(np.mean([n > c for n, c in pairs]))}
+
+
 def perturb(images: np.ndarray, seed: int = 0, noise: float = 0.08, tint: float = 0.3,
             blur: bool = True) -> np.ndarray:
     """Noisy versions of clean renders: a random background tint, Gaussian noise, slight blur."""

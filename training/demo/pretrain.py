@@ -103,6 +103,14 @@ AUX_DEFAULTS = dict(side_aux=0.05, x0_floor=0.1, max_weight=10.0)
 #   (CFG 6: 0.149, 0.720, 0.439, 0.365). Binding known but drawn imperfectly; position barely known.
 #   SoftREPA on it (demo settings, validation seeds 5 / 6, main rows): count +0.069 / +0.057, binding
 #   -0.009 / +0.082, overall +0.031 / +0.068, alignment score +0.015 / +0.012.
+#   + degrade_count 0.3 (wrong numbers too; validation seeds 5-7): count's classifier fell to 0.479 (chance
+#     0.25), drawn 0.21-0.29, and SoftREPA no longer helped (count +0.006, overall +0.012, alignment -0.010).
+#   x0_floor 0.05 instead of 0.1 (validation seeds 5-7): binding no longer known (classifier 0.312, chance 0.399;
+#     count 0.802); SoftREPA count +0.063 (-0.069, +0.114, +0.143), binding -0.041, overall +0.016.
+#   World with 4 px instead of 2 between the copies of a count scene (the shipped model's count failures are
+#     mostly copies drawn touching, which the evaluator sees as one object; validation seeds 5-7): count drawn
+#     0.57-0.66, binding barely known (classifier 0.469, chance 0.399); SoftREPA count +0.042 (+0.000, +0.014,
+#     +0.111), binding -0.084, overall +0.005 (-0.031 in seed 5). Not kept.
 #   The shipped files are this recipe's `python -m training demo --pretrain` run (10.5 min on 2 threads).
 
 RECIPE = {**TRAIN_DEFAULTS, **DEGRADE_DEFAULTS, **AUX_DEFAULTS}  # what `demo --pretrain` runs and ships
