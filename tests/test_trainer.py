@@ -518,3 +518,52 @@ def test_loss_scaler_rules():
     assert not low.can_back_off()
     with pytest.raises(ValueError):
         LossScaler(backoff_factor=1.0)
+
+
+@pytest.fixture
+def sigterm_stops():
+    """SIGTERM handled as the torchrun CLI does (KeyboardInterrupt), restored afterwards."""
+    import signal
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGTERM, stop)
+    yield signal.SIGTERM
+    signal.signal(signal.SIGTERM, old)
+
+
+def _signal_every_save(monkeypatch, sig):
+    """Make every checkpoint save receive ``sig`` as it starts."""
+    import signal
+
+    import training.trainer as trainer_module
+
+    real = trainer_module.save_checkpoint
+    calls = []
+
+    def save(state, path):
+        calls.append(state["step"])
+        signal.raise_signal(sig)
+        return real(state, path)
+
+    monkeypatch.setattr(trainer_module, "save_checkpoint", save)
+    return calls
+
+
+def test_a_stop_signal_during_a_save_lets_the_save_finish(backend, pairs, tmp_path, monkeypatch, sigterm_stops):
+    calls = _signal_every_save(monkeypatch, sigterm_stops)
+    res = make(backend, pairs, "softrepa", tmp_path / "s.safetensors", cfg=config(ckpt_every=2)).run()
+    # the periodic save at step 2 completes, then the signal stops the run; the final save ignores it
+    assert (res.stopped, res.step) == ("cancelled", 2) and calls == [2, 2]
+    assert load_checkpoint(tmp_path / "s.ckpt.pt")["step"] == 2
+    assert train_config_of(load_tokens(tmp_path / "s.safetensors"))["status"] == "cancelled"
+
+
+def test_a_stop_signal_during_the_error_save_keeps_the_error(backend, pairs, tmp_path, monkeypatch, sigterm_stops):
+    calls = _signal_every_save(monkeypatch, sigterm_stops)
+    t = make(backend, pairs, "softrepa", tmp_path / "e.safetensors", data=FailingData(*pairs, fail_at=3))
+    with pytest.raises(OSError, match="disk read failed"):  # not a KeyboardInterrupt from inside the save
+        t.run()
+    assert calls == [3] and load_checkpoint(tmp_path / "e.ckpt.pt")["step"] == 3
+    assert train_config_of(load_tokens(tmp_path / "e.safetensors"))["status"] == "error"

@@ -14,10 +14,13 @@ plain Python values and are read back with ``torch.load(weights_only=True)``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
+import signal
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -117,6 +120,30 @@ def numbered_run(folder, name: str) -> Path:
         i += 1
         candidate = path.with_name(f"{path.stem}_{i:03d}{path.suffix}")
     return candidate
+
+
+@contextlib.contextmanager
+def signals_held(drop: bool = False):
+    """Let a save finish before SIGINT or SIGTERM act (on the main thread; elsewhere a no-op).
+
+    A signal that arrives during the block acts when it ends; with ``drop`` it is discarded,
+    for the final save of a run that is ending anyway. (torchrun sends SIGTERM to the other
+    ranks when one fails, which can land while rank 0 is already saving because of that failure.)
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []
+    # handlers installed outside Python (getsignal() is None) cannot be restored, so they stay
+    held = [s for s in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(s) is not None]
+    old = {s: signal.signal(s, lambda signum, frame: caught.append(signum)) for s in held}
+    try:
+        yield
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+        if caught and not drop:
+            signal.raise_signal(caught[0])
 
 
 def atomic_write_bytes(path, data: bytes) -> Path:

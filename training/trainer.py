@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .checkpoint import RunFiles, load_checkpoint, save_checkpoint, write_json
+from .checkpoint import RunFiles, load_checkpoint, save_checkpoint, signals_held, write_json
 from .distributed import SINGLE, Dist
 from .formats import save_tokens
 from .layouts import MMDIT, TokenLayout
@@ -567,7 +567,8 @@ class Trainer:
                     raise
                 metrics = self.validate() if self.step % cfg.val_every == 0 else {}
                 if cfg.ckpt_every and self.step % cfg.ckpt_every == 0:
-                    self.save_checkpoint()
+                    with signals_held():  # a stop request acts after the save, not inside it
+                        self.save_checkpoint()
                 if bar is not None:
                     bar.update(1)
                     post = {"loss": "nan" if rec["loss"] is None else f"{rec['loss']:.4f}", "t": rec["t"]}
@@ -604,8 +605,9 @@ class Trainer:
         if self.dist.enabled:
             run["world_size"] = self.dist.world_size
         self.history.setdefault("runs", []).append(run)
-        self.save_checkpoint()
-        self.save_tokens(stopped)
+        with signals_held(drop=True):  # the run is ending: a stop request must not cut its save short
+            self.save_checkpoint()
+            self.save_tokens(stopped)
         return TrainResult(self.tokens, self.step, stopped, self.files, self.history, self.best)
 
 
