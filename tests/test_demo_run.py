@@ -28,6 +28,10 @@ def test_smoke_demo_writes_every_report_file(tmp_path):
                  "batch composition", "Paired change per seed"):
         assert part in text, part
     assert "paired_delta" in res
+    # token training sees only t < t_max (the demo's deviation from the papers' full range), and says so
+    assert res["size"]["t_max"] == run.SMOKE.t_max < 1000 and "| training timesteps | t < " in text
+    hist = json.loads((out / "tokens" / "softrepa_seed0.history.json").read_text())
+    assert len(hist["steps"]) == run.SMOKE.steps and all(r["t"] < run.SMOKE.t_max for r in hist["steps"])
 
 
 def test_paired_deltas_and_missing_categories():
