@@ -56,7 +56,8 @@ class DemoSize:
     steps: int = 300
     n_val: int = 64
     # 192 prompts left a per-seed spread of about +-0.06 in count and +-0.03 in overall, as large as the effects;
-    # 320 is what fits in the 10-minute budget (measured: 192 -> 384 prompts add 45 s per seed)
+    # 320 fitted the 10-minute budget by the estimate made before the run (the last run's 7.7 min, plus 45 s per
+    # seed for 192 -> 384 prompts, measured). The run took 12.6 min on a slow day; 192 prompts, the same day, 12.1
     n_main: int = 320
     n_general: int = 96
     n_align: int = 192  # per seed, like n_main: enough pairs that the spread is below the effects reported
@@ -77,9 +78,10 @@ class DemoSize:
     t_max: int = 500  # tokens are trained on t < t_max (the papers: all t); see lr
     batches: str = "near-miss"
     count_share: float = 0.5  # near-miss batches: share of count groups (the rest: relation groups); 0.75 on
-    # validation seeds 5-7 (shipped model): count +0.011, overall +0.030, below 0.5's +0.021 / +0.042
-    # Other SoftREPA settings tried on validation seeds 5-7 (shipped model; mean count / overall / alignment score
-    # change, current settings +0.021 / +0.042 / +0.013): 600 steps +0.032 / +0.036 / +0.017; tokens in the up
+    # validation seeds 5-7 (shipped model, all t, lr 2e-2, 192 prompts): count +0.011, overall +0.030, below 0.5's
+    # +0.021 / +0.042
+    # Other SoftREPA settings tried on validation seeds 5-7 (shipped model, 192 prompts; mean count / overall /
+    # alignment score change, against all t at 2e-2: +0.021 / +0.042 / +0.013): 600 steps +0.032 / +0.036 / +0.017; tokens in the up
     # blocks too +0.022 / +0.023 / +0.014; t >= 300 only +0.005 / +0.019 / -0.010; tau x0.5 +0.024 / +0.005 /
     # +0.006; tau x0.25 +0.020 / -0.002 / -0.005; tau x2 -0.015 / +0.038 / +0.023; tau x4 -0.091 / +0.012 / +0.031
     # (a larger tau trades count for alignment, like a higher CFG scale); the official SD1.5 scripts' diffusion
@@ -388,7 +390,7 @@ merged copies.
 | AGSM softmax temperature T | {temps[1]:.2e} (median within-row error spread) | 0.1 | same reason: the weights only see error differences, which T must put at O(1) |
 | AGSM EMA decay | {size.ema_decay} | 0.9999 | 0.9999 lags ~10k steps; these runs are {size.steps} steps |
 | learning rate | {size.lr:g} | 1e-3 | runs of {size.steps} steps, not tens of thousands (at 1e-3 the tokens barely moved); chosen with the timestep range on validation seeds 5-7, 576 prompts per seed (SoftREPA count / overall change at t < 500: 2e-2 +0.039 / +0.009, 2.5e-2 +0.079 / +0.021, 3e-2 +0.101 / +0.001 with binding −0.035) |
-| training timesteps | t < {size.t_max} | all t | on all t (lr 2e-2) the tokens acted like more guidance and merged counted copies (validation: count +0.010); on t < 300 / 500 / 700: +0.039 / +0.039 / +0.036, mostly fewer merged copies. The static tokens (trained on t < {size.t_max}) act at every t; the time-table rows of higher t keep their small random initialisation |
+| training timesteps | t < {size.t_max} | all t (official defaults min_t 0, max_t 1000) | on all t (lr 2e-2) the tokens acted like more guidance and merged counted copies (validation: count +0.010); on t < 300 / 500 / 700: +0.039 / +0.039 / +0.036, mostly fewer merged copies. The static tokens (trained on t < {size.t_max}) act at every t; the time-table rows of higher t keep their small random initialisation |
 | batch composition | {size.batches}: each batch of 4 images is one near-miss group (an object at counts 1-4, or two objects with colours swapped, shapes swapped and the relation flipped); count groups {size.count_share:.0%} of the batches | random captions | random batches of this world differ mostly in colour and shape, which the model already draws right; near-miss batches put the hard distinctions into the contrastive matrix |
 | blocks, tokens | down + mid, 4 tokens, BOS init, B = 4 (16 pairs) | the same (SD1.5 SoftREPA: down only) | AGSM's UNet choice, used for both |
 | sampling | {size.sample_steps} DDIM steps | 50 (SD) | keeps the demo within 10 minutes on 2 CPU cores |
