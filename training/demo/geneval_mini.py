@@ -152,6 +152,11 @@ def score(objects: list, spec: world.Spec) -> dict:
     return out
 
 
+def _as_specs(specs) -> list:
+    """Specs from ``world.Spec`` objects or captions."""
+    return [world.parse_caption(s) if isinstance(s, str) else s for s in specs]
+
+
 def evaluate(images, specs, details: bool = False):
     """Per-category accuracy of images (see ``as_uint8_images``) against specs (or captions).
 
@@ -160,7 +165,7 @@ def evaluate(images, specs, details: bool = False):
     results and detections.
     """
     imgs = as_uint8_images(images)
-    specs = [world.parse_caption(s) if isinstance(s, str) else s for s in specs]
+    specs = _as_specs(specs)
     if len(imgs) != len(specs):
         raise ValueError(f"{len(imgs)} images but {len(specs)} specs")
     per, found = [], []
@@ -182,7 +187,7 @@ def count_misses(found: list, specs) -> dict:
     found: ``detect`` results per image (``evaluate(..., details=True)[2]``). Copies drawn
     touching merge into one component, so "fewer" includes merged copies.
     """
-    specs = [world.parse_caption(s) if isinstance(s, str) else s for s in specs]
+    specs = _as_specs(specs)
     pairs = [(len(objs), s.count) for objs, s in zip(found, specs) if s.kind == "count" and s.count >= 2]
     if not pairs:
         return {"fewer": float("nan"), "more": float("nan")}
