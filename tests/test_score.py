@@ -73,6 +73,41 @@ def test_score_matches_pair_errors_with_its_fixed_noise():
     assert s["error_base"] == pytest.approx(E.diagonal().mean().item(), rel=1e-6)
 
 
+def test_packed_groups_give_each_groups_own_pair_errors():
+    from tiny_models import tiny_unet
+
+    from training.pairs import group_pair_errors
+
+    backend = DiffusersBackend(tiny_unet(W))
+    g = torch.Generator().manual_seed(4)
+    x0, cond = torch.randn(9, 4, 8, 8, generator=g), {"context": torch.randn(9, 5, W, generator=g)}
+    noise = torch.randn(3, 4, 8, 8, generator=g)
+    E = group_pair_errors(backend, x0, cond, 300, noise, None, group=3)
+    assert E.shape == (3, 3, 3)
+    for q in range(3):
+        rows = slice(3 * q, 3 * q + 3)
+        alone = pair_errors(backend, x0[rows], {"context": cond["context"][rows]}, 300, noise[q:q + 1], None)
+        torch.testing.assert_close(E[q], alone, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(group_pair_errors(backend, x0, cond, 300, noise, None, group=3, chunk=4), E,
+                               rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="one noise per group"):
+        group_pair_errors(backend, x0, cond, 300, noise[:2], None, group=3)
+
+
+def test_score_does_not_depend_on_groups_per_call():
+    """chunk packs whole groups into one call (or splits one): the same pairs, noise and result."""
+    from tiny_models import tiny_unet
+
+    backend = DiffusersBackend(tiny_unet(W))
+    g = torch.Generator().manual_seed(5)
+    x0, cond = torch.randn(13, 4, 8, 8, generator=g), {"context": torch.randn(13, 5, W, generator=g)}
+    ref = alignment_score(backend, None, x0, cond, group=3, ts=(200, 700), seed=2)
+    for chunk in (4, 9, 27, 1000):  # part of a group, one group, 3 groups, all 4 groups (+ leftover pair)
+        s = alignment_score(backend, None, x0, cond, group=3, ts=(200, 700), seed=2, chunk=chunk)
+        assert s["accuracy_base"] == ref["accuracy_base"] and s["per_t"] == ref["per_t"], chunk
+        assert s["error_base"] == pytest.approx(ref["error_base"], rel=1e-5)
+
+
 def test_score_rejects_bad_input():
     x0, cond = torch.zeros(3, 4, 2, 2), {"context": torch.zeros(3, 16)}
     with pytest.raises(ValueError, match="at least 4"):

@@ -83,6 +83,33 @@ def pair_errors(backend, x0: torch.Tensor, cond: Cond, t, noise: torch.Tensor, t
     return to_matrix(errors, n_img)
 
 
+def group_pair_errors(backend, x0: torch.Tensor, cond: Cond, t, noise: torch.Tensor, tokens, group: int,
+                      chunk: int | None = None) -> torch.Tensor:
+    """E[q, i, j] for consecutive groups of ``group`` images: image i and prompt j of group q, no grad.
+
+    x0: (G * group, C, h, w) latents and cond: G * group prompt rows, group q being rows
+    q * group ... (q + 1) * group - 1; noise: (G, C, h, w), one per group, shared by that group's
+    pairs. Only pairs within a group are evaluated (prompt-major within each group, as
+    ``pair_errors``), so with G = 1 this is ``pair_errors``; chunk: pairs per denoiser call
+    (None: all G * group^2). Returns (G, group, group) in fp32.
+    """
+    check_chunk(chunk)
+    t = step_t(t)
+    n_groups = x0.shape[0] // group
+    if x0.shape[0] != n_groups * group or noise.shape[0] != n_groups:
+        raise ValueError(f"need whole groups of {group} images and one noise per group, got {x0.shape[0]} images "
+                         f"and {noise.shape[0]} noises")
+    z, u = forward_process(backend, x0, noise.repeat_interleave(group, dim=0), t)
+    i, j = pair_grid(group, group, x0.device)
+    offset = (torch.arange(n_groups, device=x0.device) * group)[:, None]
+    img, prm = (offset + i).flatten(), (offset + j).flatten()
+    errors = torch.empty(img.shape[0], dtype=torch.float32, device=x0.device)
+    with torch.no_grad():
+        for s in chunk_slices(errors.shape[0], chunk):
+            errors[s] = pair_mse(predict_pairs(backend, z, t, cond, tokens, img[s], prm[s]), u[img[s]])
+    return errors.view(n_groups, group, group).transpose(1, 2)
+
+
 def forward_process(backend, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor):
     """(z_t, target) for every image; noise (1 or B, C, h, w) is broadcast over the images."""
     if noise.ndim != x0.ndim or noise.shape[1:] != x0.shape[1:] or noise.shape[0] not in (1, x0.shape[0]):

@@ -3,7 +3,7 @@
 Held-out (image, caption) pairs are taken in consecutive groups of ``group`` pairs. For each
 group and each fixed timestep t, every image is noised with one fixed noise tensor (drawn from
 ``seed``, shared by the group's images and prompts, as in training) and the denoising error of
-every (image, caption) pair of the group is computed (``pairs.pair_errors``). An image counts
+every (image, caption) pair of the group is computed (``pairs.group_pair_errors``). An image counts
 as correctly classified at t when its own caption gives the lowest error among the group's
 captions. Accuracy is the mean over images and timesteps; chance is 1 / group.
 
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from .pairs import pair_errors
+from .pairs import group_pair_errors
 
 DEFAULT_TS = (100, 300, 500, 700, 900)
 
@@ -30,6 +30,9 @@ def alignment_score(backend, tokens, x0: torch.Tensor, cond: dict, *, group: int
     Returns a dict with ``accuracy`` / ``error`` (with tokens, when given), ``accuracy_base`` /
     ``error_base`` (plain model, when ``base``), where error is the mean matched-pair error,
     ``per_t`` ({t: {accuracy, accuracy_base}}), ``pairs``, ``groups``, ``group``, ``chance``, ``ts``.
+    chunk: pairs per denoiser call at most; None: one group (``group``^2 pairs) per call. A chunk of
+    several groups' pairs packs whole groups into one call (much faster for small models on a
+    CPU), a smaller one splits a group; the pairs and noise are the same either way.
     dist: a ``training.distributed.Dist`` to split the groups across ranks (every rank draws every
     group's noise in order, scores its own groups, and the counts are summed); every rank
     returns the whole result.
@@ -60,17 +63,31 @@ def alignment_score(backend, tokens, x0: torch.Tensor, cond: dict, *, group: int
     hits = {k: torch.zeros(len(ts)) for k in runs}
     err = {k: 0.0 for k in runs}
     mine = set(dist.groups(n_groups)) if dist is not None else None
-    for g in range(n_groups):
-        rows = slice(g * group, (g + 1) * group)
-        xg, cg = x0[rows], {k: v[rows] for k, v in cond.items()}
+    per_call = 1 if chunk is None else max(1, chunk // (group * group))  # whole groups packed into one call
+    pending = []  # (group index, its noise per t) of groups drawn but not yet scored
+
+    def score_pending():
+        rows = torch.cat([torch.arange(g * group, (g + 1) * group) for g, _ in pending]).to(x0.device)
+        xp, cp = x0[rows], {k: v[rows] for k, v in cond.items()}
         for i, t in enumerate(ts):
-            noise = torch.randn((1,) + tuple(x0.shape[1:]), generator=gen).to(x0.device, x0.dtype)
-            if mine is not None and g not in mine:
-                continue  # another rank's group (its noise is drawn all the same, so the stream matches)
+            noise = torch.cat([noises[i] for _, noises in pending])
             for key, tok in runs.items():
-                E = pair_errors(backend, xg, cg, t, noise, tok, chunk).cpu()
-                hits[key][i] += (E.argmin(dim=1) == labels).sum().item()
-                err[key] += E.diagonal().sum().item()
+                E = group_pair_errors(backend, xp, cp, t, noise, tok, group, chunk).cpu()
+                hits[key][i] += (E.argmin(dim=2) == labels).sum().item()
+                err[key] += E.diagonal(dim1=1, dim2=2).sum().item()
+        pending.clear()
+
+    for g in range(n_groups):
+        # one noise per (group, t), drawn in this order whatever is scored where, so results never depend on
+        # chunk or on the number of ranks
+        noises = [torch.randn((1,) + tuple(x0.shape[1:]), generator=gen).to(x0.device, x0.dtype) for _ in ts]
+        if mine is not None and g not in mine:
+            continue  # another rank's group
+        pending.append((g, noises))
+        if len(pending) == per_call:
+            score_pending()
+    if pending:
+        score_pending()
     if dist is not None:  # one all-reduce: hits and errors of every run
         keys = list(runs)
         buf = torch.cat([torch.cat([hits[k].double(), torch.tensor([err[k]], dtype=torch.float64)]) for k in keys])
