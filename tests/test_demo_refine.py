@@ -73,6 +73,20 @@ def test_zero_iterations_is_bit_identical_to_plain_sampling(model):
 
 
 @needs_model
+def test_one_pass_gives_the_refined_and_the_unrefined_images(model):
+    """unrefined=True: the same images as two separate runs, the shared early steps run once."""
+    unet, encode = model
+    settings = RefineSettings(iterations=2, scale=200.0)
+    plain = pretrain.sample(unet, encode, PROMPTS, seed=3, steps=4, batch=2)
+    refined = pretrain.sample(unet, encode, PROMPTS, seed=3, steps=4, batch=2,
+                              refine=refinement.Refiner(unet, encode.tokenizer, step=2, settings=settings))
+    both = pretrain.sample(unet, encode, PROMPTS, seed=3, steps=4, batch=2, unrefined=True,
+                           refine=refinement.Refiner(unet, encode.tokenizer, step=2, settings=settings))
+    assert torch.equal(both[0], refined) and torch.equal(both[1], plain) and not torch.equal(refined, plain)
+    with pytest.raises(ValueError, match="refine hook"):
+        pretrain.sample(unet, encode, PROMPTS, steps=4, unrefined=True)
+
+
 def test_cn_loss_falls_over_the_iterations(model):
     unet, encode = model
     r = refinement.Refiner(unet, encode.tokenizer, step=2,

@@ -433,7 +433,7 @@ def ddim_timesteps(steps: int) -> list:
 
 @torch.no_grad()
 def sample(unet, encode, prompts, seed: int = 0, steps: int = 25, cfg: float = 3.0,
-           tokens_injector=None, batch: int = 128, refine=None) -> torch.Tensor:
+           tokens_injector=None, batch: int = 128, refine=None, unrefined: bool = False):
     """DDIM (eta = 0) with classifier-free guidance; returns images (N, 3, 32, 32) in [-1, 1].
 
     The loop runs on latents (N, 12, 16, 16); the result is decoded with ``latents_to_images``.
@@ -446,12 +446,16 @@ def sample(unet, encode, prompts, seed: int = 0, steps: int = 25, cfg: float = 3
     refine: an optional hook (e.g. ``refinement.Refiner``) with a ``step`` index:
     ``refine.prepare(prompts, steps)`` runs before sampling (it checks its input), and at step
     index ``refine.step`` the latent of each batch becomes ``refine(x, t, batch_prompts,
-    conditional_context)`` before that step's CFG denoising.
+    conditional_context)`` before that step's CFG denoising. unrefined: also return the images
+    sampled without refining, as ``(refined, unrefined)``: the steps before ``refine.step`` are
+    the same for both and run once.
     """
     prompts = list(prompts)
     ts = ddim_timesteps(steps)
     if refine is not None:
         refine.prepare(prompts, steps)
+    elif unrefined:
+        raise ValueError("unrefined=True needs a refine hook")
     dev = next(unet.parameters()).device
     abar = alphas_cumprod().float().to(dev)
     size = unet.config.sample_size
@@ -459,25 +463,38 @@ def sample(unet, encode, prompts, seed: int = 0, steps: int = 25, cfg: float = 3
     x_all = torch.randn(len(prompts), unet.config.in_channels, size, size, generator=g).to(dev)
     uncond = encode([""])
     ctx = tokens_injector if hasattr(tokens_injector, "__enter__") else contextlib.nullcontext()
-    out = []
+    split = refine.step if refine is not None else len(ts)
+    out, plain = [], []
     with ctx:
         for i in range(0, len(prompts), batch):
             x = x_all[i:i + batch]
-            n = len(x)
-            c = torch.cat([uncond.expand(n, -1, -1), encode(prompts[i:i + batch])])
-            for k, t in enumerate(ts):
-                if refine is not None and k == refine.step:
-                    x = refine(x, t, prompts[i:i + batch], c[n:])
-                tt = torch.full((2 * n,), t, dtype=torch.long, device=dev)
-                e_u, e_c = unet(torch.cat([x, x]), tt, encoder_hidden_states=c).sample.chunk(2)
-                eps = e_u + cfg * (e_c - e_u)
-                a_t = abar[t]
-                a_prev = abar[ts[k + 1]] if k + 1 < len(ts) else torch.tensor(1.0, device=dev)
-                x0 = ((x - (1 - a_t).sqrt() * eps) / a_t.sqrt()).clamp(-1, 1)
-                eps = (x - a_t.sqrt() * x0) / (1 - a_t).sqrt()  # consistent with the clipped x0
-                x = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
-            out.append(x)
-    return latents_to_images(torch.cat(out)).clamp(-1, 1)
+            c = torch.cat([uncond.expand(len(x), -1, -1), encode(prompts[i:i + batch])])
+            x = _ddim(unet, x, c, ts, range(split), cfg, abar)
+            if refine is None:
+                out.append(x)
+                continue
+            if unrefined:
+                plain.append(_ddim(unet, x, c, ts, range(split, len(ts)), cfg, abar))
+            x = refine(x, ts[split], prompts[i:i + batch], c[len(x):])
+            out.append(_ddim(unet, x, c, ts, range(split, len(ts)), cfg, abar))
+    images = latents_to_images(torch.cat(out)).clamp(-1, 1)
+    return (images, latents_to_images(torch.cat(plain)).clamp(-1, 1)) if unrefined else images
+
+
+def _ddim(unet, x, c, ts, ks, cfg, abar):
+    """DDIM steps ks (indices into ts) from latent x with CFG; c: unconditional then conditional rows."""
+    dev = x.device
+    for k in ks:
+        t = ts[k]
+        tt = torch.full((2 * len(x),), t, dtype=torch.long, device=dev)
+        e_u, e_c = unet(torch.cat([x, x]), tt, encoder_hidden_states=c).sample.chunk(2)
+        eps = e_u + cfg * (e_c - e_u)
+        a_t = abar[t]
+        a_prev = abar[ts[k + 1]] if k + 1 < len(ts) else torch.tensor(1.0, device=dev)
+        x0 = ((x - (1 - a_t).sqrt() * eps) / a_t.sqrt()).clamp(-1, 1)
+        eps = (x - a_t.sqrt() * x0) / (1 - a_t).sqrt()  # consistent with the clipped x0
+        x = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
+    return x
 
 
 
