@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from training.demo import pretrain, run
 from training.formats import load_tokens
@@ -10,7 +11,7 @@ from training.formats import load_tokens
 
 @pytest.mark.skipif(not (pretrain.ASSET_DIR / "config.json").exists(), reason="tiny_t2i asset not shipped")
 def test_smoke_demo_writes_every_report_file(tmp_path):
-    out = run.run_demo(tmp_path / "report", run.SMOKE, progress=False)
+    out = run.run_demo(tmp_path / "report", run.SMOKE, progress=False, workers=2)  # the CLI's default on 2 threads
     for name in ("report.md", "results.json", "curves.png", "grid.png", "grid.txt"):
         assert (out / name).stat().st_size > 0, name
     for method in ("softrepa", "agsm"):
@@ -32,6 +33,21 @@ def test_smoke_demo_writes_every_report_file(tmp_path):
     assert res["size"]["t_max"] == run.SMOKE.t_max < 1000 and "| training timesteps | t < " in text
     hist = json.loads((out / "tokens" / "softrepa_seed0.history.json").read_text())
     assert len(hist["steps"]) == run.SMOKE.steps and all(r["t"] < run.SMOKE.t_max for r in hist["steps"])
+    assert res["workers"] == 2 and "(2 worker\nprocesses)" in text
+
+    # the same results when this process runs every chain itself (on 1 thread, like each worker)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        alone = run.run_demo(tmp_path / "alone", run.SMOKE, progress=False, workers=1)
+    finally:
+        torch.set_num_threads(threads)
+    assert json.loads((alone / "results.json").read_text())["per_seed"] == res["per_seed"]
+    for method in ("softrepa", "agsm"):
+        name = f"{method}_seed0.safetensors"
+        assert torch.equal(load_tokens(alone / "tokens" / name).static, load_tokens(out / "tokens" / name).static)
+    with pytest.raises(ValueError, match="workers"):
+        run.run_demo(tmp_path / "none", run.SMOKE, progress=False, workers=0)
 
 
 def test_paired_deltas_and_missing_categories():
@@ -50,13 +66,14 @@ def test_out_names_the_report_folder(tmp_path, monkeypatch):
 
     seen = {}
 
-    def fake_run(out, size, model=None):
-        seen["out"] = out
+    def fake_run(out, size, model=None, workers=1):
+        seen["out"], seen["workers"] = out, workers
         return tmp_path
 
     monkeypatch.setattr(run, "run_demo", fake_run)
     main(["demo", "--smoke", "--out", str(tmp_path / "mine")])
     assert seen["out"] == str(tmp_path / "mine")
+    assert seen["workers"] == 2  # default: one 1-thread worker per --threads (2)
     seen.clear()
     main(["demo", "--long"])
     assert seen["out"] == "demo_long"

@@ -35,8 +35,12 @@ def _soft_token_demo(args) -> int:
     size = run.SMOKE if args.smoke else run.LONG if args.long else run.FULL
     if args.seeds:
         size = run.replace(size, seeds=tuple(range(args.seeds)))
+    if args.workers is not None and args.workers < 1:
+        raise SystemExit(f"--workers must be at least 1, got {args.workers}")
     torch.set_num_threads(args.threads)
-    out = run.run_demo(args.out or ("demo_long" if args.long else "demo_report"), size, model=args.model)
+    workers = args.workers or min(args.threads, 3 * len(size.seeds))
+    out = run.run_demo(args.out or ("demo_long" if args.long else "demo_report"), size, model=args.model,
+                       workers=workers)
     print(f"report: {out / 'report.md'}")
     return 0
 
@@ -71,6 +75,8 @@ def add_parser(sub) -> None:
     d.add_argument("--minutes", type=float, help="stop this call after this much wall time (resume later)")
     d.add_argument("--batch", type=int, help="images per step (default: the recipe's)")
     d.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    d.add_argument("--workers", type=int, help="soft-token demo: processes sharing the --threads (default: one "
+                   "1-thread process per thread, the fastest for the tiny model)")
     d.add_argument("--eval", action="store_true", help="GenEval-mini scores of the tiny model (see --model)")
     d.add_argument("--model", help="model folder for --eval (default: the shipped training/assets/tiny_t2i)")
     d.add_argument("--split", default="train,heldout", help="prompt split(s) for --eval (default train,heldout)")

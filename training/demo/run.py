@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from ..diffusers_backend import DiffusersBackend
+from ..formats import load_tokens
 from ..layouts import TokenLayout
 from ..pairs import pair_errors
 from ..score import alignment_score
@@ -50,6 +51,12 @@ REFINED = {"refine": None, "both": "softrepa"}  # refined condition -> the token
 SAME_SCORE = {"base_cfg": "base", **{c: source or "base" for c, source in REFINED.items()}}
 
 
+# Denoiser calls of about 128 images. On one thread (a demo worker) the tiny model ran calls of 16 images at 1.19x
+# the time per image of 128, and 64-256 within a few percent of it (two 1-thread processes side by side, one run
+# of bench/demo_workers.py)
+SCORE_CHUNK = 128  # pairs per call when scoring (the alignment score, training's validation): 8 groups of 4 x 4
+SAMPLE_BATCH = 64  # prompts per sampler call: 128 images with CFG
+
 @dataclass(frozen=True)
 class DemoSize:
     seeds: tuple = (0, 1, 2)
@@ -57,7 +64,9 @@ class DemoSize:
     n_val: int = 64
     # 192 prompts left a per-seed spread of about +-0.06 in count and +-0.03 in overall, as large as the effects;
     # 320 fitted the 10-minute budget by the estimate made before the run (the last run's 7.7 min, plus 45 s per
-    # seed for 192 -> 384 prompts, measured). The run took 12.6 min on a slow day; 192 prompts, the same day, 12.1
+    # seed for 192 -> 384 prompts, measured). In one process it took 12.6 min on a slow day (192 prompts, the
+    # same day: 12.1); with two 1-thread workers and the refined rows' shared steps, 8.5 min a day later (one
+    # process takes 1.3x as long: bench/demo_workers.py)
     n_main: int = 320
     n_general: int = 96
     n_align: int = 192  # per seed, like n_main: enough pairs that the spread is below the effects reported
@@ -153,96 +162,191 @@ def token_data(encode, x_train, c_train, size: DemoSize, seed: int):
     return TensorData(x_train, c_train, 4, seed=seed)
 
 
+def drawn_metrics(images: torch.Tensor, specs, part: str = "") -> dict:
+    """GenEval-mini per category, how counting fails and the quality proxy of sampled images."""
+    acc, _, found = evaluate(images, specs, details=True)
+    out = {f"{part}count_{k}": v for k, v in count_misses(found, specs).items()}
+    # NaN where no prompt of a category was drawn (possible in tiny runs), so every row has every key
+    out.update({f"{part}geneval_{k}": acc.get(k, float("nan")) for k in CATEGORIES})
+    out[f"{part}quality"] = clean_pixel_rate(images)
+    return out
+
+
 def measure(unet, encode, backend, tokens, evals: dict, size: DemoSize, seed: int, cfg: float,
-            general: bool = True, refine=None, align: dict | None = None) -> dict:
+            general: bool = True, refine=None, score: bool = True):
     """Main (same-distribution) and, with ``general``, generalisation metrics for tokens (or None) at ``cfg``.
 
     Main: GenEval-mini on ``n_main`` train-split captions with fresh renders and noise (as the
     papers: prompts of the token-training kind, never used in training) and the alignment score
     on fresh train-split pairs. Generalisation: the same on held-out combinations.
-    refine: a ``refinement.Refiner`` for the sampler. align: {"align": ..., "general_align": ...}
-    to reuse instead of scoring (the alignment score samples nothing, so neither CFG nor refinement changes it).
+    refine: a ``refinement.Refiner``: returns (metrics, refined main metrics), the refined images
+    sampled from the same prompts and noise (the steps before the refined one run once). score:
+    False leaves out the alignment score. Rows in ``SAME_SCORE`` have none of their own: the score
+    samples nothing, so neither CFG nor refinement changes it.
     """
-    out = {}
+    out, refined = {}, None
     for part, split, n, pairs in (("", "train", size.n_main, evals["main"]),
                                   ("general_", "heldout", size.n_general, evals["general"])):
         if part and not general:
             continue
         specs = world.sample_specs(10_000 + seed, n, split)
         ctx = backend.use_tokens(tokens) if tokens is not None else None
-        images = pretrain.sample(unet, encode, [s.caption for s in specs], seed=seed, steps=size.sample_steps,
-                                 cfg=cfg, tokens_injector=ctx, refine=refine)
-        acc, _, found = evaluate(images, specs, details=True)
-        out.update({f"{part}count_{k}": v for k, v in count_misses(found, specs).items()})
-        # NaN where no prompt of a category was drawn (possible in tiny runs), so every row has every key
-        out.update({f"{part}geneval_{k}": acc.get(k, float("nan")) for k in CATEGORIES})
-        key = "accuracy" if tokens is not None else "accuracy_base"
-        if align is not None:
-            out[f"{part}align"] = align[f"{part}align"]
+        kw = dict(seed=seed, steps=size.sample_steps, cfg=cfg, tokens_injector=ctx, batch=SAMPLE_BATCH)
+        if refine is not None and not part:
+            images_refined, images = pretrain.sample(unet, encode, [s.caption for s in specs], refine=refine,
+                                                     unrefined=True, **kw)
+            refined = drawn_metrics(images_refined, specs)
         else:
+            images = pretrain.sample(unet, encode, [s.caption for s in specs], **kw)
+        out.update(drawn_metrics(images, specs, part))
+        if score:
+            key = "accuracy" if tokens is not None else "accuracy_base"
             out[f"{part}align"] = alignment_score(backend, tokens, pairs[0], pairs[1], base=tokens is None,
-                                                  seed=seed)[key]
-        out[f"{part}quality"] = clean_pixel_rate(images)
-    return out
+                                                  seed=seed, chunk=SCORE_CHUNK)[key]
+    return out if refine is None else (out, refined)
 
 
-def run_demo(out_dir="demo_report", size: DemoSize = FULL, progress: bool = True, model=None) -> Path:
+@dataclass
+class Setup:
+    """What every job uses: the frozen model and the fixed data (a deterministic function of the
+    model and the size, so each worker process rebuilds it identically)."""
+    unet: object
+    encode: object
+    backend: DiffusersBackend
+    x_train: torch.Tensor
+    c_train: dict
+    val: tuple
+    evals: dict  # {seed: {"main": pairs, "general": pairs}}: the alignment pairs, fresh renders per seed
+
+    @classmethod
+    def load(cls, size: DemoSize, model=None) -> "Setup":
+        unet, encode = pretrain.load_tiny_t2i(path=model)
+        backend = DiffusersBackend(unet, alphas_cumprod=pretrain.alphas_cumprod())
+        x_train, c_train, _ = world_pairs(encode, 256, "train", seed=1)
+        val = world_pairs(encode, size.n_val, "train", seed=2)[:2]  # validation: the training distribution
+        # token training uses seed=1; the alignment pairs are drawn per seed, like the GenEval-mini prompts
+        evals = {s: {"main": world_pairs(encode, size.n_align, "train", seed=20_000 + s)[:2],
+                     "general": world_pairs(encode, size.n_align, "heldout", seed=30_000 + s)[:2]}
+                 for s in size.seeds}
+        return cls(unet, encode, backend, x_train, c_train, val, evals)
+
+
+def token_file(out: Path, method: str, seed: int) -> Path:
+    return out / "tokens" / f"{method}_seed{seed}.safetensors"
+
+
+# The jobs of one seed and the rows each one measures. A refined row comes from its unrefined row's job: the same
+# prompts and noise, and the sampling steps before the refined one run once for both.
+JOBS = {"softrepa": ("softrepa", "both"), "agsm": ("agsm",), "base": ("base", "refine"), "base_cfg": ("base_cfg",)}
+
+
+def run_job(setup: Setup, size: DemoSize, seed: int, job: str, temps: tuple, out: Path,
+            progress: bool = False) -> dict:
+    """One job of one seed (``JOBS``): train its tokens (SoftREPA, AGSM) and measure its rows.
+
+    Returns {"metrics": {row: metrics}, "seconds": wall seconds} and, after training, "history".
+    Rows in ``SAME_SCORE`` get no alignment score here: ``run_demo`` copies it.
+    """
+    unet, encode, backend = setup.unet, setup.encode, setup.backend
+    t0 = time.time()
+    tokens, done = None, {}
+    if job in METHODS:
+        width = setup.c_train["context"].shape[-1]
+        layout = TokenLayout(arch="sd15", method=job, n_tokens=4, width=width, text_width=width,
+                             blocks=("down", "mid"))
+        cfg = TrainConfig(steps=size.steps, batch=4, lr=size.lr, val_every=size.val_every, ckpt_every=0,
+                          tau=temps[0], temp=temps[1], ema_decay=size.ema_decay, score_group=4, t_max=size.t_max,
+                          chunk=SCORE_CHUNK, method=job, seed=seed)
+        res = train(backend, layout, token_data(encode, setup.x_train, setup.c_train, size, seed), cfg,
+                    token_file(out, job, seed), val=setup.val, init_static=bos_init(encode([""])), overwrite=True,
+                    progress=progress, meta={"model": "tiny_t2i (demo)", "data": f"demo world, {size.batches} batches"})
+        tokens, done["history"] = res.tokens, res.history
+    rows = JOBS[job]
+    refined = next((r for r in rows if r in REFINED), None)
+    refiner = None if refined is None else Refiner(
+        unet, encode.tokenizer, step=size.refine_step, settings=size.refine_settings(),
+        token_layout=tokens.layout if tokens is not None else None)
+    m = measure(unet, encode, backend, tokens, setup.evals[seed], size, seed,
+                cfg=size.cfg_high if job == "base_cfg" else size.cfg, general=job != "base_cfg", refine=refiner,
+                score=rows[0] not in SAME_SCORE)
+    done["metrics"] = {rows[0]: m[0], refined: m[1]} if refined else {rows[0]: m}
+    done["seconds"] = time.time() - t0
+    return done
+
+
+_WORKER = {}  # a worker process's Setup and size, built once by _init_worker
+
+
+def _init_worker(size: DemoSize, model, threads: int) -> None:
+    torch.set_num_threads(threads)
+    _WORKER["size"], _WORKER["setup"] = size, Setup.load(size, model)
+
+
+def _worker_job(seed, job: str, temps: tuple, out: Path):
+    setup, size = _WORKER["setup"], _WORKER["size"]
+    if job == "diagnostic":
+        return diagnose(setup.backend, setup.encode, n=size.n_diag, split="train")
+    return run_job(setup, size, seed, job, temps, out)
+
+
+def run_demo(out_dir="demo_report", size: DemoSize = FULL, progress: bool = True, model=None,
+             workers: int = 1) -> Path:
     """Diagnose the base model, train and measure both methods over ``size.seeds``; write the report.
 
-    model: a tiny_t2i folder (default: the shipped one).
+    model: a tiny_t2i folder (default: the shipped one). workers: processes that run the jobs (the
+    diagnostic, then ``JOBS`` for each seed) side by side, each with torch.get_num_threads() //
+    workers threads; 1 runs them here. The tiny model keeps the second thread of a process half
+    idle, so on 2 cores two 1-thread workers are faster (bench/demo_workers.py). Every job is
+    seeded on its own, so results do not depend on where or in which order jobs run.
     """
     from tqdm.auto import tqdm
 
+    if workers < 1:
+        raise ValueError(f"workers must be at least 1, got {workers}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
-    unet, encode = pretrain.load_tiny_t2i(path=model)
-    backend = DiffusersBackend(unet, alphas_cumprod=pretrain.alphas_cumprod())
-    x_train, c_train, _ = world_pairs(encode, 256, "train", seed=1)
-    val = world_pairs(encode, size.n_val, "train", seed=2)[:2]  # validation: the training distribution
-    # alignment pairs: fresh renders drawn per seed, like the GenEval-mini prompts (token training uses seed=1)
-    evals = {s: {"main": world_pairs(encode, size.n_align, "train", seed=20_000 + s)[:2],
-                 "general": world_pairs(encode, size.n_align, "heldout", seed=30_000 + s)[:2]} for s in size.seeds}
-    diag = diagnose(backend, encode, n=size.n_diag, split="train")
-    tau, temp = calibrate_temperatures(backend, x_train, c_train)
-    width = c_train["context"].shape[-1]
-    null = bos_init(encode([""]))
-    base_cfg = TrainConfig(steps=size.steps, batch=4, lr=size.lr, val_every=size.val_every, ckpt_every=0, tau=tau,
-                           temp=temp, ema_decay=size.ema_decay, score_group=4, t_max=size.t_max)
+    setup = Setup.load(size, model)
+    temps = calibrate_temperatures(setup.backend, setup.x_train, setup.c_train)
 
-    jobs = [(s, c) for s in size.seeds for c in CONDITIONS]
-    bar = tqdm(total=len(jobs), desc="demo", unit="run", disable=not progress)
-    results, histories, token_files = {c: [] for c in CONDITIONS}, {}, {}
-    trained, seconds = {}, {c: 0.0 for c in CONDITIONS}
-    for seed, cond in jobs:
-        bar.set_postfix(seed=seed, run=cond)
-        tokens, refiner, align = None, None, None
-        if cond in REFINED:  # same prompts and noise as the unrefined row
-            tokens = trained.get((REFINED[cond], seed))
-            refiner = Refiner(unet, encode.tokenizer, step=size.refine_step, settings=size.refine_settings(),
-                              token_layout=tokens.layout if tokens is not None else None)
-        if cond in SAME_SCORE:
-            align = {"align": results[SAME_SCORE[cond]][-1]["align"]}
-        if cond in METHODS:
-            layout = TokenLayout(arch="sd15", method=cond, n_tokens=4, width=width, text_width=width,
-                                 blocks=("down", "mid"))
-            cfg = replace(base_cfg, method=cond, seed=seed)
-            file = out / "tokens" / f"{cond}_seed{seed}.safetensors"
-            res = train(backend, layout, token_data(encode, x_train, c_train, size, seed), cfg, file,
-                        val=val, init_static=null, overwrite=True, progress=progress,
-                        meta={"model": "tiny_t2i (demo)", "data": f"demo world, {size.batches} batches"})
-            tokens, histories[(cond, seed)], token_files[(cond, seed)] = res.tokens, res.history, file
-            trained[(cond, seed)] = res.tokens
-        t0 = time.time()
-        results[cond].append(measure(unet, encode, backend, tokens, evals[seed], size, seed,
-                                     cfg=size.cfg_high if cond == "base_cfg" else size.cfg,
-                                     general=cond not in ("base_cfg",) + tuple(REFINED), refine=refiner, align=align))
-        seconds[cond] += time.time() - t0
-        bar.update(1)
+    # the longest jobs first, so that no worker idles long at the end
+    jobs = [(None, "diagnostic")] + [(s, j) for j in JOBS for s in size.seeds]
+    bar = tqdm(total=len(jobs), desc="demo", unit="job", disable=not progress)
+    done = {}
+    if workers == 1:
+        for seed, job in jobs:
+            bar.set_postfix(seed=seed, run=job)
+            done[seed, job] = (diagnose(setup.backend, setup.encode, n=size.n_diag, split="train")
+                               if job == "diagnostic" else run_job(setup, size, seed, job, temps, out, progress))
+            bar.update(1)
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        threads = max(1, torch.get_num_threads() // workers)
+        # spawn, not fork: a forked copy of a process whose OpenMP pool has run can hang
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=_init_worker, initargs=(size, model, threads)) as pool:
+            futures = {pool.submit(_worker_job, s, j, temps, out): (s, j) for s, j in jobs}
+            for f in as_completed(futures):
+                done[futures[f]] = f.result()
+                bar.set_postfix(seed=futures[f][0], run=futures[f][1])
+                bar.update(1)
     bar.close()
+    diag = done.pop((None, "diagnostic"))
+    results, histories, token_files = {c: [] for c in CONDITIONS}, {}, {}
+    for seed in size.seeds:
+        rows = {r: m for j in JOBS for r, m in done[seed, j]["metrics"].items()}
+        for cond in CONDITIONS:
+            if cond in SAME_SCORE:
+                rows[cond]["align"] = rows[SAME_SCORE[cond]]["align"]
+            results[cond].append(rows[cond])
+        for method in METHODS:
+            histories[method, seed], token_files[method, seed] = done[seed, method]["history"], token_file(out, method, seed)
+    seconds = {j: sum(done[s, j]["seconds"] for s in size.seeds) for j in JOBS}
     elapsed = time.time() - t_start
-    write_report(out, size, (tau, temp), diag, results, histories, unet, encode, backend, token_files, elapsed,
-                 seconds)
+    write_report(out, size, temps, diag, results, histories, setup.unet, setup.encode, setup.backend, token_files,
+                 elapsed, seconds, workers)
     return out
 
 
@@ -291,16 +395,16 @@ def per_seed_line(results: dict, method: str, key: str, against: str = "base") -
 
 
 def write_report(out: Path, size, temps, diag, results, histories, unet, encode, backend, token_files, elapsed,
-                 seconds: dict | None = None):
+                 seconds: dict | None = None, workers: int = 1):
     """report.md, results.json, curves.png and grid.png in ``out``."""
     stats = {c: summarize(rows) for c, rows in results.items()}
     deltas = paired_deltas(results)
     base_geneval = {k: stats["base"][f"geneval_{k}"][0] for k in CATEGORIES}
     targets = fair_targets(diag, base_geneval)
     (out / "results.json").write_text(json.dumps({"size": size.__dict__, "tau": temps[0], "temp": temps[1],
-                                                  "seconds": round(elapsed), "diagnostic": diag,
-                                                  "measure_seconds": {k: round(v, 1) for k, v in
-                                                                      (seconds or {}).items()},
+                                                  "seconds": round(elapsed), "workers": workers, "diagnostic": diag,
+                                                  "job_seconds": {k: round(v, 1) for k, v in
+                                                                  (seconds or {}).items()},
                                                   "fair_targets": targets, "per_seed": results,
                                                   "mean_std": stats, "paired_delta": deltas}, indent=1))
     plot_curves(out / "curves.png", histories)
@@ -327,7 +431,8 @@ def write_report(out: Path, size, temps, diag, results, histories, unet, encode,
     text = f"""# Soft-token demo report
 
 Tiny text-to-image model (`training/assets/tiny_t2i`), frozen; tokens trained with the engine.
-Seeds: {list(size.seeds)} (mean ± std over seeds). Wall time: {elapsed / 60:.1f} min.
+Seeds: {list(size.seeds)} (mean ± std over seeds). Wall time: {elapsed / 60:.1f} min ({workers} worker
+process{"es" if workers > 1 else ""}).
 
 ## Where the signal is (before any token training)
 
@@ -439,8 +544,6 @@ def plot_curves(path, histories):
 def plot_grid(path, unet, encode, backend, token_files, size, n: int = 8):
     """Rows base / SoftREPA / AGSM / refinement for the same n prompts and sampling noise."""
     from PIL import Image
-
-    from ..formats import load_tokens
 
     seed = size.seeds[0]
     specs = world.sample_specs(20_000, n, "train")
