@@ -65,8 +65,8 @@ class DemoSize:
     # 192 prompts left a per-seed spread of about +-0.06 in count and +-0.03 in overall, as large as the effects;
     # 320 fitted the 10-minute budget by the estimate made before the run (the last run's 7.7 min, plus 45 s per
     # seed for 192 -> 384 prompts, measured). In one process it took 12.6 min on a slow day (192 prompts, the
-    # same day: 12.1); with two 1-thread workers and the refined rows' shared steps, 8.5 min a day later (one
-    # process takes 1.3x as long: bench/demo_workers.py)
+    # same day: 12.1); with two 1-thread workers and the refined rows' shared steps, 8.5 min the same day, with
+    # the same results (one process takes 1.3x as long: bench/demo_workers.py)
     n_main: int = 320
     n_general: int = 96
     n_align: int = 192  # per seed, like n_main: enough pairs that the spread is below the effects reported
@@ -325,13 +325,16 @@ def run_demo(out_dir="demo_report", size: DemoSize = FULL, progress: bool = True
 
         threads = max(1, torch.get_num_threads() // workers)
         # spawn, not fork: a forked copy of a process whose OpenMP pool has run can hang
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                                 initializer=_init_worker, initargs=(size, model, threads)) as pool:
+        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=_init_worker, initargs=(size, model, threads))
+        try:
             futures = {pool.submit(_worker_job, s, j, temps, out): (s, j) for s, j in jobs}
             for f in as_completed(futures):
-                done[futures[f]] = f.result()
+                done[futures[f]] = f.result()  # a job's error stops the demo here
                 bar.set_postfix(seed=futures[f][0], run=futures[f][1])
                 bar.update(1)
+        finally:  # on an error or Ctrl-C no queued job starts; running ones end (Ctrl-C reaches them too)
+            pool.shutdown(wait=True, cancel_futures=True)
     bar.close()
     diag = done.pop((None, "diagnostic"))
     results, histories, token_files = {c: [] for c in CONDITIONS}, {}, {}
