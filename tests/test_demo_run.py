@@ -35,7 +35,7 @@ def test_smoke_demo_writes_every_report_file(tmp_path):
     assert len(hist["steps"]) == run.SMOKE.steps and all(r["t"] < run.SMOKE.t_max for r in hist["steps"])
     assert res["workers"] == 2 and "(2 worker\nprocesses)" in text
 
-    # the same results when this process runs every chain itself (on 1 thread, like each worker)
+    # the same results when this process runs every job itself (on 1 thread, like each worker)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

@@ -31,7 +31,7 @@ def alignment_score(backend, tokens, x0: torch.Tensor, cond: dict, *, group: int
     ``error_base`` (plain model, when ``base``), where error is the mean matched-pair error,
     ``per_t`` ({t: {accuracy, accuracy_base}}), ``pairs``, ``groups``, ``group``, ``chance``, ``ts``.
     chunk: pairs per denoiser call at most; None: one group (``group``^2 pairs) per call. A chunk of
-    several groups' pairs packs whole groups into one call (much faster for small models on a
+    several groups' pairs packs whole groups into one call (faster for small models on a
     CPU), a smaller one splits a group; the pairs and noise are the same either way.
     dist: a ``training.distributed.Dist`` to split the groups across ranks (every rank draws every
     group's noise in order, scores its own groups, and the counts are summed); every rank

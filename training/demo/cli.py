@@ -38,7 +38,7 @@ def _soft_token_demo(args) -> int:
     if args.workers is not None and args.workers < 1:
         raise SystemExit(f"--workers must be at least 1, got {args.workers}")
     torch.set_num_threads(args.threads)
-    workers = args.workers or min(args.threads, 3 * len(size.seeds))
+    workers = args.workers or min(args.threads, 1 + len(run.JOBS) * len(size.seeds))  # no more than the jobs
     out = run.run_demo(args.out or ("demo_long" if args.long else "demo_report"), size, model=args.model,
                        workers=workers)
     print(f"report: {out / 'report.md'}")
