@@ -79,6 +79,14 @@ def test_out_names_the_report_folder(tmp_path, monkeypatch):
     assert seen["out"] == "demo_long"
 
 
+def test_cli_rejects_zero_workers_before_any_work(tmp_path, capsys):
+    from training.cli import main
+
+    assert main(["demo", "--smoke", "--workers", "0", "--out", str(tmp_path / "r")]) == 2
+    assert "workers must be at least 1" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
 def test_near_miss_batches_are_deterministic_groups_of_the_train_split():
     import torch
 

@@ -35,10 +35,9 @@ def _soft_token_demo(args) -> int:
     size = run.SMOKE if args.smoke else run.LONG if args.long else run.FULL
     if args.seeds:
         size = run.replace(size, seeds=tuple(range(args.seeds)))
-    if args.workers is not None and args.workers < 1:
-        raise SystemExit(f"--workers must be at least 1, got {args.workers}")
     torch.set_num_threads(args.threads)
-    workers = args.workers or min(args.threads, 1 + len(run.JOBS) * len(size.seeds))  # no more than the jobs
+    # default: one 1-thread worker per thread, no more than the jobs; run_demo rejects fewer than 1
+    workers = args.workers if args.workers is not None else min(args.threads, 1 + len(run.JOBS) * len(size.seeds))
     out = run.run_demo(args.out or ("demo_long" if args.long else "demo_report"), size, model=args.model,
                        workers=workers)
     print(f"report: {out / 'report.md'}")
