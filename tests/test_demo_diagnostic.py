@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from training.demo import world
-from training.demo.diagnostic import CATEGORIES, fair_targets, near_miss_accuracy, near_miss_group
+from training.demo.diagnostic import (CATEGORIES, fair_targets, near_miss_accuracy, near_miss_group,
+                                     stratified_timesteps)
 from training.demo.geneval_mini import detect, score
 
 
@@ -58,6 +59,16 @@ def test_a_text_blind_model_scores_exactly_chance(category):
     r = near_miss_accuracy(TextBlind(), fake_encode, category, n=24, ts=(500,))
     assert r["accuracy"] == pytest.approx(r["chance"], abs=1e-9)
     assert 0.2 < r["chance"] <= 0.5
+    if category == "position":  # every group is a pair: credit 1/2 for each image, no spread
+        assert r["se"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_stratified_timesteps():
+    assert stratified_timesteps(5) == (100, 300, 500, 700, 900)  # the earlier fixed probe
+    ts = stratified_timesteps(20)
+    assert ts[:3] == (25, 75, 125) and ts[-1] == 975 and len(ts) == 20
+    with pytest.raises(ValueError):
+        stratified_timesteps(0)
 
 
 def test_fair_targets():

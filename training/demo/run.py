@@ -38,7 +38,7 @@ from ..score import alignment_score
 from ..trainer import TensorData, TrainConfig, bos_init, train
 from . import pretrain, world
 from .batches import NearMissData
-from .diagnostic import diagnose, fair_targets
+from .diagnostic import DEFAULT_K, diagnose, fair_targets, stratified_timesteps
 from .geneval_mini import CATEGORIES, count_misses, evaluate
 from .refinement import DEFAULT_SETTINGS, DEFAULT_STEP, GRID, Refiner
 
@@ -71,6 +71,7 @@ class DemoSize:
     n_general: int = 96
     n_align: int = 192  # per seed, like n_main: enough pairs that the spread is below the effects reported
     n_diag: int = 96
+    diag_k: int = DEFAULT_K  # timesteps of the diagnostic's classifier (diagnostic.DEFAULT_K)
     sample_steps: int = 12
     cfg: float = 3.0
     cfg_high: float = 6.0
@@ -111,7 +112,7 @@ class DemoSize:
 
 
 FULL = DemoSize()
-SMOKE = DemoSize(seeds=(0,), steps=12, n_val=16, n_main=16, n_general=8, n_align=16, n_diag=8, sample_steps=4,
+SMOKE = DemoSize(seeds=(0,), steps=12, n_val=16, n_main=16, n_general=8, n_align=16, n_diag=8, diag_k=5, sample_steps=4,
                  val_every=6, refine_step=DEFAULT_STEP * 4 // 12, refine_iterations=2)
 LONG = replace(FULL, seeds=(0,), steps=3000)
 
@@ -274,6 +275,11 @@ def run_job(setup: Setup, size: DemoSize, seed: int, job: str, temps: tuple, out
     return done
 
 
+def run_diagnostic(setup: Setup, size: DemoSize) -> dict:
+    """The near-miss diagnostic of the base model (``diagnostic.diagnose``) at the size's settings."""
+    return diagnose(setup.backend, setup.encode, n=size.n_diag, split="train", ts=stratified_timesteps(size.diag_k))
+
+
 _WORKER = {}  # a worker process's Setup and size, built once by _init_worker
 
 
@@ -285,7 +291,7 @@ def _init_worker(size: DemoSize, model, threads: int) -> None:
 def _worker_job(seed, job: str, temps: tuple, out: Path):
     setup, size = _WORKER["setup"], _WORKER["size"]
     if job == "diagnostic":
-        return diagnose(setup.backend, setup.encode, n=size.n_diag, split="train")
+        return run_diagnostic(setup, size)
     return run_job(setup, size, seed, job, temps, out)
 
 
@@ -316,8 +322,8 @@ def run_demo(out_dir="demo_report", size: DemoSize = FULL, progress: bool = True
     if workers == 1:
         for seed, job in jobs:
             bar.set_postfix(seed=seed, run=job)
-            done[seed, job] = (diagnose(setup.backend, setup.encode, n=size.n_diag, split="train")
-                               if job == "diagnostic" else run_job(setup, size, seed, job, temps, out, progress))
+            done[seed, job] = (run_diagnostic(setup, size) if job == "diagnostic"
+                               else run_job(setup, size, seed, job, temps, out, progress))
             bar.update(1)
     else:
         import multiprocessing
@@ -415,7 +421,7 @@ def write_report(out: Path, size, temps, diag, results, histories, unet, encode,
     diag_lines = ["| category | classifier on near misses | chance | drawn (GenEval-mini, base) | fair target |",
                   "|---|---|---|---|---|"]
     for c, d in diag.items():
-        diag_lines.append(f"| {c} | {d['accuracy']:.3f} | {d['chance']:.3f} | {base_geneval[c]:.3f} | "
+        diag_lines.append(f"| {c} | {d['accuracy']:.3f} ± {d['se']:.3f} | {d['chance']:.3f} | {base_geneval[c]:.3f} | "
                           f"{'yes' if c in targets else 'no'} |")
     seeds = "\n".join(f"- {LABELS[m]}: count {per_seed_line(results, m, 'geneval_count')}; overall "
                       f"{per_seed_line(results, m, 'geneval_overall')}; alignment score "
@@ -429,6 +435,8 @@ def write_report(out: Path, size, temps, diag, results, histories, unet, encode,
               f"{per_seed_line(results, 'both', 'geneval_count', 'softrepa')}")
     misses = "\n".join(f"| {label(c, size)} | {stats[c]['count_fewer'][0]:.3f} ± {stats[c]['count_fewer'][1]:.3f} | "
                        f"{stats[c]['count_more'][0]:.3f} ± {stats[c]['count_more'][1]:.3f} |" for c in CONDITIONS)
+    ts = stratified_timesteps(size.diag_k)
+    diag_ts = ", ".join(map(str, ts)) if len(ts) <= 5 else f"{ts[0]}, {ts[1]}, ..., {ts[-1]}"
     rs = size.refine_settings()
     t_ref = pretrain.ddim_timesteps(size.sample_steps)[size.refine_step]
     text = f"""# Soft-token demo report
@@ -440,11 +448,11 @@ process{"es" if workers > 1 else ""}).
 ## Where the signal is (before any token training)
 
 The base model's diffusion classifier on near-miss caption groups: a ground-truth render of a
-caption against captions that differ only in that category (summed error over t = 100 ... 900;
-{size.n_diag} training-distribution images per category), beside how well the model draws that
-category. Soft tokens are the same for every prompt, so they can only amplify a distinction the
-model already makes: a category is a fair target when the classifier is well above chance (by
-0.1 here) and the drawn score is low (≤ 0.6).
+caption against captions that differ only in that category (error summed over {size.diag_k} timesteps
+t = {diag_ts}; {size.n_diag} training-distribution images per category; ± its standard error),
+beside how well the model draws that category. Soft tokens are the same for every prompt, so
+they can only amplify a distinction the model already makes: a category is a fair target when
+the classifier is well above chance (by 0.1 here) and the drawn score is low (≤ 0.6).
 
 {chr(10).join(diag_lines)}
 
