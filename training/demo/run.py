@@ -112,8 +112,8 @@ class DemoSize:
 
 
 FULL = DemoSize()
-SMOKE = DemoSize(seeds=(0,), steps=12, n_val=16, n_main=16, n_general=8, n_align=16, n_diag=8, diag_k=5, sample_steps=4,
-                 val_every=6, refine_step=DEFAULT_STEP * 4 // 12, refine_iterations=2)
+SMOKE = DemoSize(seeds=(0,), steps=12, n_val=16, n_main=16, n_general=8, n_align=16, n_diag=8, diag_k=5,
+                 sample_steps=4, val_every=6, refine_step=DEFAULT_STEP * 4 // 12, refine_iterations=2)
 LONG = replace(FULL, seeds=(0,), steps=3000)
 
 
@@ -418,11 +418,12 @@ def write_report(out: Path, size, temps, diag, results, histories, unet, encode,
                                                   "mean_std": stats, "paired_delta": deltas}, indent=1))
     plot_curves(out / "curves.png", histories)
     plot_grid(out / "grid.png", unet, encode, backend, token_files, size)
-    diag_lines = ["| category | classifier on near misses | chance | drawn (GenEval-mini, base) | fair target |",
+    diag_lines = ["| category | classifier on near misses (± s.e.) | chance | drawn (GenEval-mini, base) "
+                  "| fair target |",
                   "|---|---|---|---|---|"]
     for c, d in diag.items():
-        diag_lines.append(f"| {c} | {d['accuracy']:.3f} ± {d['se']:.3f} | {d['chance']:.3f} | {base_geneval[c]:.3f} | "
-                          f"{'yes' if c in targets else 'no'} |")
+        diag_lines.append(f"| {c} | {d['accuracy']:.3f} ± {d['se']:.3f} | {d['chance']:.3f} | "
+                          f"{base_geneval[c]:.3f} | {'yes' if c in targets else 'no'} |")
     seeds = "\n".join(f"- {LABELS[m]}: count {per_seed_line(results, m, 'geneval_count')}; overall "
                       f"{per_seed_line(results, m, 'geneval_overall')}; alignment score "
                       f"{per_seed_line(results, m, 'align')}" for m in METHODS)
