@@ -143,9 +143,10 @@ AUX_DEFAULTS = dict(side_aux=0.05, x0_floor=0.1, max_weight=10.0)
 #       all t, 1e-2: +0.011 / -0.006 / +0.010 / +0.004;
 #       t < 300, 2.5e-2: +0.008 / -0.004 / +0.012 / +0.021;
 #       relation groups only, all t, 2.5e-2: +0.047 / -0.016 / +0.022 / +0.010 (count +0.092, +0.092, -0.043;
-#         overall and alignment score up in every seed: the nearest miss);
+#         overall and alignment score up in every seed: the nearest miss); around it, all t: a quarter count groups
+#         -0.041 / -0.004 / +0.007 / +0.008; relation groups only at 3e-2 +0.065 / -0.112 / -0.024 / +0.013;
 #       AGSM at the demo settings: +0.007 / -0.010 / -0.001 / -0.004.
-#     The low-t tokens that help count on this model wreck binding, which it now draws well. Not kept.
+#     Tokens strong enough to help count on this model hurt binding, which it now draws well. Not kept.
 #   The shipped files are this recipe's `python -m training demo --pretrain` run (10.5 min on 2 threads).
 
 RECIPE = {**TRAIN_DEFAULTS, **DEGRADE_DEFAULTS, **AUX_DEFAULTS}  # what `demo --pretrain` runs and ships
