@@ -150,6 +150,14 @@ AUX_DEFAULTS = dict(side_aux=0.05, x0_floor=0.1, max_weight=10.0)
 #         2.5e-2: +0.039 / -0.144 / -0.016 / +0.011 (binding -0.041, -0.099, -0.291 by seed);
 #       600 steps at 1.25e-2 (the same distance in smaller steps), t < 500: +0.015 / -0.041 / +0.004 / +0.016;
 #         relation groups only, all t: +0.031 / +0.004 / +0.023 / +0.005 (count +0.076, +0.069, -0.051).
+#     How binding breaks (demo settings, seed 7, 165 relation prompts): the tokens recolour objects, they do
+#     not drop or merge them. Colour 0.963 -> 0.875, binding 0.842 -> 0.612; a wanted object missing with the
+#     right shape in the wrong colour 12 -> 37 times, with the wrong shape 26 -> 38; two objects found in 164 ->
+#     162; median object area 142 -> 134 px. A count group's four captions share colour and shape, so a drift
+#     that changes every caption's error alike leaves its contrastive loss unchanged. The papers' diffusion-loss
+#     term anchors that drift (dweight, as a multiple of the official SD1.5 scripts' 10 scaled by 0.07 / tau;
+#     demo settings): x1 +0.006 / -0.014 / -0.007 / +0.000, x0.2 +0.009 / -0.012 / +0.004 / +0.005, x0.05
+#     +0.025 / -0.046 / +0.009 / +0.012 (overall -0.003, +0.047, -0.016): it removes the count gain with the harm.
 #     Tokens strong enough to help count on this model hurt binding, which it now draws well. Not kept.
 #   2800 steps (between 2000 and 3600; 24.5 min): position no longer known (classifier 0.568, chance 0.5),
 #     binding known and drawn well (0.714, chance 0.405; drawn 0.741 / 0.770), count 0.901 (drawn 0.420 /
