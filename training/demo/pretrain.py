@@ -158,9 +158,9 @@ AUX_DEFAULTS = dict(side_aux=0.05, x0_floor=0.1, max_weight=10.0)
 #     term anchors that drift (dweight, as a multiple of the official SD1.5 scripts' 10 scaled by 0.07 / tau;
 #     demo settings): x1 +0.006 / -0.014 / -0.007 / +0.000, x0.2 +0.009 / -0.012 / +0.004 / +0.005, x0.05
 #     +0.025 / -0.046 / +0.009 / +0.012 (overall -0.003, +0.047, -0.016): it removes the count gain with the harm.
-#     Batches of 8, a count group beside a relation group (colour inside the contrastive matrix; 8 x 8
-#     errors: 140 s per seed against 90, training and evaluation), demo settings: -0.095 / -0.023 / -0.029 /
-#     +0.026: colour still drifts (-0.028) and too few objects rises by 0.148, as with more guidance.
+#     Batches of 8, a count group beside a relation group (colour inside the contrastive matrix; 64 errors
+#     per step instead of 16), demo settings: -0.095 / -0.023 / -0.029 / +0.026: colour still drifts (-0.028)
+#     and too few objects rises by 0.148, as with more guidance.
 #     Tokens strong enough to help count on this model hurt binding, which it now draws well. Not kept.
 #   2800 steps (between 2000 and 3600; 24.5 min): position no longer known (classifier 0.568, chance 0.5),
 #     binding known and drawn well (0.714, chance 0.405; drawn 0.741 / 0.770), count 0.901 (drawn 0.420 /
