@@ -125,7 +125,10 @@ AUX_DEFAULTS = dict(side_aux=0.05, x0_floor=0.1, max_weight=10.0)
 #     chance 0.405), so binding is a fair target, but SoftREPA then hurts the relation scenes: on validation
 #     seeds 5-7 (320 prompts) count +0.119, overall +0.000 (-0.050 in seed 5), binding -0.015, alignment score
 #     +0.004; lr 2e-2: overall -0.014; count_share 0.75 / 0.25: -0.009 / -0.011; tokens on t < 300: -0.017; on all
-#     t: -0.025 (binding -0.112). Seed 5's overall fell in every setting. Not kept.
+#     t: -0.025 (binding -0.112). Seed 5's overall fell in every setting. Later, the relation-scene anchor
+#     described under 3600 steps below: with the demo's batch mix at x0.2 count -0.016, overall -0.012; count
+#     groups only at x0.05 count +0.106, binding -0.054, overall -0.019 (-0.053 in seed 5), alignment score
+#     -0.008. Not kept.
 #   degrade_position 0.15 instead of 0.3 (to make position known; 15.4 min): position not better known (0.562,
 #     chance 0.5) and drawn worse (0.212 / 0.211), binding lost (0.469, chance 0.405; drawn 0.506 / 0.493),
 #     count 0.922 (drawn 0.395 / 0.405). Not kept.
@@ -161,6 +164,14 @@ AUX_DEFAULTS = dict(side_aux=0.05, x0_floor=0.1, max_weight=10.0)
 #     Batches of 8, a count group beside a relation group (colour inside the contrastive matrix; 64 errors
 #     per step instead of 16), demo settings: -0.095 / -0.023 / -0.029 / +0.026: colour still drifts (-0.028)
 #     and too few objects rises by 0.148, as with more guidance.
+#     Fewer token places, demo settings: the mid block only -0.012 / -0.027 / -0.008 / +0.002; the down blocks
+#       only (the official SD1.5 choice) +0.052 / -0.064 / -0.003 / +0.013 (colour -0.037; overall -0.006, -0.003,
+#       +0.000); 1 token instead of 4 +0.017 / -0.048 / +0.004 / +0.023.
+#     An anchor on relation scenes (not in either paper; an experiment-only hook): count groups only, plus
+#       w * mean((pred with tokens - pred without)^2) on four relation scenes with their own captions at the
+#       step's t, w as dweight above: x1 +0.000 / -0.010 / +0.000 / +0.000, x0.2 +0.000 / -0.031 / +0.006 /
+#       +0.012. Held on scenes the contrastive loss never sees, the tokens lose the count gain all the same:
+#       on this model the count gain and the colour drift are one global change, not two.
 #     Tokens strong enough to help count on this model hurt binding, which it now draws well. Not kept.
 #   2800 steps (between 2000 and 3600; 24.5 min): position no longer known (classifier 0.568, chance 0.5),
 #     binding known and drawn well (0.714, chance 0.405; drawn 0.741 / 0.770), count 0.901 (drawn 0.420 /
