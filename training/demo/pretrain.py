@@ -129,6 +129,10 @@ AUX_DEFAULTS = dict(side_aux=0.05, x0_floor=0.1, max_weight=10.0)
 #     described under 3600 steps below: with the demo's batch mix at x0.2 count -0.016, overall -0.012; count
 #     groups only at x0.05 count +0.106, binding -0.054, overall -0.019 (-0.053 in seed 5), alignment score
 #     -0.008. Not kept.
+#   degrade_binding 0.32 (between 0.3 and 0.35; 14.9 min): binding's signal lost (classifier 0.448, chance
+#     0.405; drawn 0.524 / 0.500), position 0.557 (drawn 0.218 / 0.204), count 0.917 (drawn 0.387 / 0.344).
+#     Binding's classifier reads 0.693 / 0.448 / 0.510 at 30% / 32% / 35% swaps: not monotone, so one
+#     pretraining run per rate cannot find the rate where binding is known and drawn below 0.6. Not kept.
 #   degrade_position 0.15 instead of 0.3 (to make position known; 15.4 min): position not better known (0.562,
 #     chance 0.5) and drawn worse (0.212 / 0.211), binding lost (0.469, chance 0.405; drawn 0.506 / 0.493),
 #     count 0.922 (drawn 0.395 / 0.405). Not kept.
