@@ -205,8 +205,11 @@ AUX_DEFAULTS = dict(side_aux=0.05, x0_floor=0.1, max_weight=10.0)
 #     +0.068 and alignment score up in every seed, overall -0.003, +0.006, +0.016 (shape -0.048). At lr 2e-2:
 #     +0.074 / -0.067 / +0.016 / +0.010, count +0.076, +0.053, +0.094, overall +0.013, +0.003, +0.031 and
 #     alignment score +0.016, +0.004, +0.011: the target met on validation, on a model where the papers'
-#     situation holds. Chosen (draw and lr) on validation seeds only; not yet shipped (the session ran out
-#     before the demo tables, --long, the refinement sweep and the README could be redone on it).
+#     situation holds. Chosen (draw and lr) on validation seeds only, then the full demo run once on the report
+#     seeds 0-2: diagnostic count and position fair targets, binding not (0.458 +- 0.051, chance 0.410; 0.562
+#     on validation seed 5); SoftREPA count +0.074 (+0.049, +0.084, +0.088) but overall +0.028, -0.012, +0.019
+#     and alignment score -0.016, +0.001, +0.003: the target missed. AGSM there: count +0.038, overall +0.019,
+#     +0.022, +0.025. Not shipped.
 #   The shipped files are this recipe's `python -m training demo --pretrain` run (10.5 min on 2 threads).
 
 RECIPE = {**TRAIN_DEFAULTS, **DEGRADE_DEFAULTS, **AUX_DEFAULTS}  # what `demo --pretrain` runs and ships
