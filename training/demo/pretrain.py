@@ -230,6 +230,11 @@ AUX_DEFAULTS = dict(side_aux=0.05, x0_floor=0.1, max_weight=10.0)
 #     seeds: count +0.063 (+0.032 to +0.142, up in every seed), overall +0.033 (+0.009 to +0.044, up in every
 #     seed), alignment score up in every seed. Not shipped: the shipped model meets the count target on the report
 #     seeds and its gain holds on every validation seed, this one's does not.
+#     A milder phase after that (600 steps at 3e-4, warmup 30, otherwise the same): position 0.818 (drawn 0.406 /
+#     0.454), count 0.891 (drawn 0.361 / 0.282), binding 0.755 (drawn 0.676 / 0.684); SoftREPA on seeds 5-7 count
+#     +0.083 (+0.017, +0.137, +0.094), overall +0.056 (+0.034, +0.069, +0.066), but on seeds 8-13 count +0.002
+#     (four of six seeds down), overall +0.008 (+0.000 to +0.019). Three validation seeds did not predict six
+#     others, so the report seeds were not run.
 #   The shipped files are this recipe's `python -m training demo --pretrain` run (10.5 min on 2 threads).
 
 RECIPE = {**TRAIN_DEFAULTS, **DEGRADE_DEFAULTS, **AUX_DEFAULTS}  # what `demo --pretrain` runs and ships
