@@ -1,5 +1,7 @@
 """The embedded demo world: generator, GenEval-mini, tokenizer, sampler, pretraining, shipped model."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -183,6 +185,31 @@ def test_pretrain_resume_matches_uninterrupted_run(tmp_path):
         assert torch.equal(x, y)
     unet, encode = P.load_tiny_t2i(path=tmp_path / "a" / "tiny_t2i")
     assert encode(["two red circles"]).shape == (1, 16, P.TEXT_WIDTH)
+
+
+def test_a_later_phase_starts_from_exported_weights_and_resumes_exactly(tmp_path):
+    P.train(tmp_path / "p1", steps=2, batch=4, progress=False)
+    first = P.export(tmp_path / "p1" / "ckpt.pt", tmp_path / "p1" / "tiny_t2i")
+    with pytest.raises(ValueError, match="architecture"):
+        P.train(tmp_path / "x", steps=2, batch=4, progress=False, init=first, text_config={"layers": 3})
+    with pytest.raises(ValueError, match="config.json"):
+        P.train(tmp_path / "x", steps=2, batch=4, progress=False, init=tmp_path / "p1")
+    # step 0 of the new phase, before any update: its EMA is the exported weights
+    P.train(tmp_path / "p2", steps=0, batch=4, progress=False, init=first, seed=5)
+    ck = torch.load(tmp_path / "p2" / "ckpt.pt", weights_only=True)
+    unet, _ = P.load_tiny_t2i(path=first)
+    assert ck["step"] == 0 and ck["cfg"]["init"] == str(first)
+    for name, p in unet.named_parameters():
+        assert torch.equal(ck["unet"][name], p)
+    P.train(tmp_path / "p2", steps=2, batch=4, progress=False, resume=True)
+    P.train(tmp_path / "p3", steps=2, batch=4, progress=False, init=first, seed=5)
+    a = torch.load(tmp_path / "p2" / "ckpt.pt", weights_only=True)
+    b = torch.load(tmp_path / "p3" / "ckpt.pt", weights_only=True)
+    assert a["step"] == b["step"] == 2
+    for x, y in zip(a["ema"], b["ema"]):
+        assert torch.equal(x, y)
+    meta = json.loads((P.export(tmp_path / "p3" / "ckpt.pt", tmp_path / "p3" / "tiny_t2i") / "config.json").read_text())
+    assert meta["train"]["seed"] == 5 and meta["train"]["init_train"]["seed"] == 0  # both phases recorded
 
 
 # --- the shipped model --------------------------------------------------------------------------
