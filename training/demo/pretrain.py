@@ -262,6 +262,12 @@ AUX_DEFAULTS = dict(side_aux=0.05, x0_floor=0.1, max_weight=10.0)
 #     Afterwards, on validation seeds 5-13 only, the tokens' lr at 2e-2 instead of 2.5e-2 on this model: count
 #     +0.046 (+0.000 to +0.103), overall up in every seed (+0.003 to +0.050), alignment score -0.001 in seed 8:
 #     no better, so the report seeds were not run again.
+#     Where a seed's miss comes from (this model, validation seeds 5, 9, 13; tokens trained with one seed, measured
+#     on another seed's prompts and noise; count change, rows = training seed, columns = evaluation seed):
+#       train 5: +0.050 / +0.024 / +0.040;  train 9: -0.017 / +0.000 / +0.000;  train 13: +0.050 / +0.008 / +0.008
+#     (overall: +0.022 / +0.034 / +0.025, +0.022 / +0.019 / -0.009, +0.050 / +0.038 / +0.031). Both draws matter:
+#     seed 9's tokens count no better on any prompts, and seed 9's and 13's prompts show less gain for every
+#     tokens. One token-training run per seed and 160 count prompts leave a per-seed spread as large as the gain.
 #   The shipped files are this recipe's `python -m training demo --pretrain` run (10.5 min on 2 threads).
 
 RECIPE = {**TRAIN_DEFAULTS, **DEGRADE_DEFAULTS, **AUX_DEFAULTS}  # what `demo --pretrain` runs and ships
