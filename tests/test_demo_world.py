@@ -194,7 +194,7 @@ def test_a_later_phase_starts_from_exported_weights_and_resumes_exactly(tmp_path
         P.train(tmp_path / "x", steps=2, batch=4, progress=False, init=first, text_config={"layers": 3})
     with pytest.raises(ValueError, match="config.json"):
         P.train(tmp_path / "x", steps=2, batch=4, progress=False, init=tmp_path / "p1")
-    # step 0 of the new phase, before any update: its EMA is the exported weights
+    # step 0 of the new phase, before any update: its weights are the exported ones
     P.train(tmp_path / "p2", steps=0, batch=4, progress=False, init=first, seed=5)
     ck = torch.load(tmp_path / "p2" / "ckpt.pt", weights_only=True)
     unet, _ = P.load_tiny_t2i(path=first)
