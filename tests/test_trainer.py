@@ -237,6 +237,8 @@ def test_bad_config_and_paths():
         TrainConfig(batch=1).check()
     with pytest.raises(ValueError, match="t_min"):
         TrainConfig(t_min=500, t_max=400).check()
+    with pytest.raises(ValueError, match="accum"):
+        TrainConfig(accum=0).check()
     with pytest.raises(ValueError, match=".safetensors"):
         RunFiles.of("tokens.pt")
     for bad in ("../x", "/etc/x", "a/../../x"):
@@ -567,3 +569,55 @@ def test_a_stop_signal_during_the_error_save_keeps_the_error(backend, pairs, tmp
         t.run()
     assert calls == [3] and load_checkpoint(tmp_path / "e.ckpt.pt")["step"] == 3
     assert train_config_of(load_tokens(tmp_path / "e.safetensors"))["status"] == "error"
+
+
+def test_accum_averages_the_gradients_of_its_batches_and_resumes_exactly(backend, pairs, tmp_path, monkeypatch):
+    import training.trainer as T
+
+    calls, seen = [], []
+    real = T.softrepa_step
+
+    def recording(backend_, tokens, x0, cond, t, noise, **kw):
+        calls.append((x0, cond, t, noise))
+        return real(backend_, tokens, x0, cond, t, noise, **kw)
+
+    class Indexed(TensorData):
+        def batch(self, step, generator=None):
+            seen.append(step)
+            return super().batch(step, generator)
+
+    monkeypatch.setattr(T, "softrepa_step", recording)
+    x0, cond = pairs
+    tr = make(backend, pairs, "softrepa", tmp_path / "a.safetensors", cfg=config(steps=1, accum=3),
+              data=Indexed(x0, cond, 4, seed=1))
+    start = [p.detach().clone() for p in tr.params]
+    grads = []
+    step = tr.opt.step
+    monkeypatch.setattr(tr.opt, "step", lambda: (grads.append([p.grad.clone() for p in tr.params]), step()))
+    rec = tr.train_step()
+    assert seen == [0, 1, 2] and len(calls) == 3 and rec["t"] == [c[2] for c in calls]
+    # the same three batches, t and noise, one at a time from the starting tokens: their mean gradient
+    ref = make(backend, pairs, "softrepa", tmp_path / "b.safetensors", cfg=config(steps=1))
+    with torch.no_grad():
+        for p, s in zip(ref.params, start):
+            p.copy_(s)
+    expected = [torch.zeros_like(p) for p in ref.params]
+    for xb, cb, t, noise in calls:
+        ref.opt.zero_grad(set_to_none=True)
+        real(backend, ref.tokens, xb, cb, t, noise)
+        for e, p in zip(expected, ref.params):
+            e += p.grad / 3
+    for g, e in zip(grads[0], expected):
+        assert torch.allclose(g, e, atol=1e-7, rtol=1e-5)
+
+    # and a run with accum stops and resumes bit for bit
+    monkeypatch.setattr(T, "softrepa_step", real)
+    full = make(backend, pairs, "softrepa", tmp_path / "full.safetensors", cfg=config(accum=2))
+    full.run()
+    part = make(backend, pairs, "softrepa", tmp_path / "part.safetensors", cfg=config(accum=2),
+                on_step=lambda step, total, loss, metrics: step < 3)
+    part.run()
+    resumed = make(backend, pairs, "softrepa", tmp_path / "part.safetensors", cfg=config(accum=2),
+                   resume=tmp_path / "part.ckpt.pt")
+    assert resumed.run().stopped == "done"
+    same_state(full, resumed)

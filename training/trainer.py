@@ -3,6 +3,8 @@
 Per step: a batch of B images with their B captions, one integer t ~ U{t_min..t_max-1} and one
 noise tensor (1, C, h, w) shared by every pair; ``softrepa_step`` or ``agsm_step`` accumulates
 the token gradient; AdamW steps on the token parameters only; AGSM then updates its EMA tokens.
+With ``accum`` > 1 a step runs that many such batches (each its own B x B matrix, t and noise,
+data indices step * accum + j) and averages their gradients before the one optimizer step.
 Every ``val_every`` steps (the official ``num_iter``) the alignment score is measured on the
 held-out pairs and the cosine warm-restart LR schedule steps once (pitfall 17).
 
@@ -69,6 +71,8 @@ class TrainConfig:
     method: str = "softrepa"
     steps: int = 1000
     batch: int = 4
+    # batches per optimizer step: each is its own B x B matrix (own t and noise), their gradients averaged
+    accum: int = 1
     seed: int = 42
     lr: float = 1e-3
     betas: tuple = (0.9, 0.999)
@@ -101,7 +105,7 @@ class TrainConfig:
         """Raise ValueError for impossible settings (before any heavy work)."""
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; expected one of {METHODS}")
-        for name in ("steps", "batch", "val_every", "sched_t0", "max_bad_steps"):
+        for name in ("steps", "batch", "accum", "val_every", "sched_t0", "max_bad_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.batch < 2:
@@ -429,25 +433,31 @@ class Trainer:
     # --- one step ------------------------------------------------------------------------
     def train_step(self) -> dict:
         """Run step ``self.step``: returns {"loss", "t", "skipped", "lr"} (with fp16 loss scaling
-        also "scale", the scale this step used, and "overflow"); advances ``self.step``."""
+        also "scale", the scale this step used, and "overflow"); advances ``self.step``. With
+        ``accum`` > 1, "t" is the list of its batches' t and "loss" their mean."""
         cfg, gen, scaler = self.cfg, self.gen, self.scaler
-        x0, cond = self.data.batch(self.step, gen)
-        if x0.shape[0] != cfg.batch:
-            raise ValueError(f"the data gave {x0.shape[0]} images for a batch of {cfg.batch}")
-        if self.device is not None:
-            x0, cond = x0.to(self.device), {k: v.to(self.device) for k, v in cond.items()}
-        t = int(torch.randint(cfg.t_min, cfg.t_max, (1,), generator=gen))
-        noise = torch.randn((1,) + tuple(x0.shape[1:]), generator=gen).to(x0.device, x0.dtype)
         self.opt.zero_grad(set_to_none=True)
         scale = scaler.scale  # 1.0 without loss scaling: x * 1.0 is exact, results are unchanged
         rows = self.dist.rows(cfg.batch) if self.dist.enabled else None
-        if cfg.method == "softrepa":
-            out = softrepa_step(self.backend, self.tokens, x0, cond, t, noise, scale=cfg.scale, tau=cfg.tau,
-                                dweight=cfg.dweight, chunk=cfg.chunk, grad_scale=scale, rows=rows)
-        else:
-            out = agsm_step(self.backend, self.tokens, self.ema, x0, cond, t, noise, gamma_pos=cfg.gamma_pos,
-                            gamma_neg=cfg.gamma_neg, temp=cfg.temp, chunk=cfg.chunk, grad_scale=scale, rows=rows)
-        loss = float(out["loss"])
+        loss, ts = 0.0, []
+        for j in range(cfg.accum):  # data indices step * accum ... step * accum + accum - 1
+            x0, cond = self.data.batch(self.step * cfg.accum + j, gen)
+            if x0.shape[0] != cfg.batch:
+                raise ValueError(f"the data gave {x0.shape[0]} images for a batch of {cfg.batch}")
+            if self.device is not None:
+                x0, cond = x0.to(self.device), {k: v.to(self.device) for k, v in cond.items()}
+            t = int(torch.randint(cfg.t_min, cfg.t_max, (1,), generator=gen))
+            noise = torch.randn((1,) + tuple(x0.shape[1:]), generator=gen).to(x0.device, x0.dtype)
+            if cfg.method == "softrepa":
+                out = softrepa_step(self.backend, self.tokens, x0, cond, t, noise, scale=cfg.scale, tau=cfg.tau,
+                                    dweight=cfg.dweight, chunk=cfg.chunk, grad_scale=scale / cfg.accum, rows=rows)
+            else:
+                out = agsm_step(self.backend, self.tokens, self.ema, x0, cond, t, noise, gamma_pos=cfg.gamma_pos,
+                                gamma_neg=cfg.gamma_neg, temp=cfg.temp, chunk=cfg.chunk, grad_scale=scale / cfg.accum,
+                                rows=rows)
+            loss += float(out["loss"]) / cfg.accum
+            ts.append(t)
+        t = ts[0] if cfg.accum == 1 else ts
         if self.dist.enabled:
             loss = self._all_reduce_step(loss)
         loss_finite = math.isfinite(loss)
