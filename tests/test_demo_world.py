@@ -172,19 +172,27 @@ def test_ddim_sampler_is_exact_with_an_oracle():
 
 
 def test_pretrain_resume_matches_uninterrupted_run(tmp_path):
-    args = ["demo", "--pretrain", "--steps", "4", "--batch", "4", "--threads", "1"]
+    args = ["demo", "--pretrain", "--steps", "4", "--finetune-steps", "2", "--batch", "4", "--threads", "1"]
     assert cli_main(args + ["--out", str(tmp_path / "a")]) == 0
+    # b stops inside the first phase, c inside the second (its warmup is longer than 2 steps, so
+    # a 1-step second phase takes the same first step as a 2-step one)
     assert P.train(tmp_path / "b", steps=2, batch=4, progress=False)["step"] == 2
     with pytest.raises(ValueError, match="--resume"):
         P.train(tmp_path / "b", steps=4, batch=4, progress=False)
     assert cli_main(args + ["--out", str(tmp_path / "b"), "--resume"]) == 0
-    a = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)
-    b = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)
-    assert a["step"] == b["step"] == 4
-    for x, y in zip(a["ema"], b["ema"]):
-        assert torch.equal(x, y)
+    assert P.pretrain_phases(tmp_path / "c", steps=4, finetune_steps=1, batch=4, progress=False)["step"] == 1
+    assert cli_main(args + ["--out", str(tmp_path / "c"), "--resume"]) == 0
+    for phase, steps in (("ckpt.pt", 4), ("phase2/ckpt.pt", 2)):
+        a = torch.load(tmp_path / "a" / phase, weights_only=True)
+        for other in ("b", "c"):
+            b = torch.load(tmp_path / other / phase, weights_only=True)
+            assert a["step"] == b["step"] == steps
+            for x, y in zip(a["ema"], b["ema"]):
+                assert torch.equal(x, y)
     unet, encode = P.load_tiny_t2i(path=tmp_path / "a" / "tiny_t2i")
     assert encode(["two red circles"]).shape == (1, 16, P.TEXT_WIDTH)
+    meta = json.loads((tmp_path / "a" / "tiny_t2i" / "config.json").read_text())
+    assert meta["train"]["init_train"]["step"] == 4 and meta["train"]["seed"] == P.FINETUNE["seed"]
 
 
 def test_a_later_phase_starts_from_exported_weights_and_resumes_exactly(tmp_path):
@@ -235,13 +243,15 @@ def test_shipped_model_loads_and_samples(shipped):
 
 
 def test_shipped_model_was_trained_with_the_default_recipe(shipped):
-    # `python -m training demo --pretrain` (RECIPE) must reproduce what is shipped
+    # `python -m training demo --pretrain` (RECIPE, then FINETUNE) must reproduce what is shipped
     import json
 
     meta = json.loads((P.ASSET_DIR / "config.json").read_text())
     train = meta["train"]
-    assert {k: train[k] for k in P.RECIPE} == P.RECIPE
-    assert train["step"] == P.RECIPE["steps"]
+    assert {k: train[k] for k in P.RECIPE} == {**P.RECIPE, **P.FINETUNE}  # the second phase
+    assert train["step"] == P.FINETUNE["steps"]
+    first = train["init_train"]
+    assert {k: first[k] for k in P.RECIPE} == P.RECIPE and first["step"] == P.RECIPE["steps"]
     assert meta["unet_config"] == json.loads(json.dumps(P.UNET_CONFIG))
     assert meta["text_config"] == P.TEXT_CONFIG and tuple(meta["betas"]) == P.BETAS
 

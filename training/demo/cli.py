@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import signal
-from pathlib import Path
 
 
 def _interrupt(signum, frame):
@@ -18,12 +17,10 @@ def cmd_demo(args) -> int:
     if not args.pretrain:
         return _soft_token_demo(args)
     signal.signal(signal.SIGTERM, _interrupt)  # `kill` checkpoints and stops, like Ctrl-C
-    out = args.out or "demo_pretrain"
-    res = pretrain.train(out, steps=args.steps, minutes=args.minutes, resume=args.resume,
-                         threads=args.threads, **({"batch": args.batch} if args.batch else {}))
-    if res["done"]:
-        dest = pretrain.export(res["checkpoint"], Path(out) / "tiny_t2i")
-        print(f"exported EMA weights to {dest} (ship it by copying to {pretrain.ASSET_DIR})")
+    res = pretrain.pretrain_phases(args.out or "demo_pretrain", steps=args.steps, finetune_steps=args.finetune_steps,
+                                   minutes=args.minutes, resume=args.resume, threads=args.threads, batch=args.batch)
+    if res["export"]:
+        print(f"exported EMA weights to {res['export']} (ship it by copying to {pretrain.ASSET_DIR})")
     return 0
 
 
@@ -70,7 +67,9 @@ def add_parser(sub) -> None:
     d.add_argument("--out", help="output folder: the report (default demo_report, or demo_long with --long), or "
                                  "with --pretrain the run folder for checkpoints and the export (default demo_pretrain)")
     d.add_argument("--resume", action="store_true", help="with --pretrain: continue the checkpoint in --out")
-    d.add_argument("--steps", type=int, help="total optimizer steps (default: the recipe's)")
+    d.add_argument("--steps", type=int, help="with --pretrain: optimizer steps of the first phase (default: the recipe's)")
+    d.add_argument("--finetune-steps", type=int, help="with --pretrain: optimizer steps of the second phase "
+                                                      "(default: the recipe's)")
     d.add_argument("--minutes", type=float, help="stop this call after this much wall time (resume later)")
     d.add_argument("--batch", type=int, help="images per step (default: the recipe's)")
     d.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")

@@ -30,14 +30,13 @@ from .textenc import SPECIALS
 GRID = (8, 8)
 # The demo's refinement step: index into the 12-step DDIM schedule (``pretrain.ddim_timesteps(12)``:
 # 999, 916, 832, 749, 666, 582, 499, 416, 332, 249, 166, 82). Chosen by
-# `python -m training refine-sweep --steps 5-9 --seeds 3 --n 128 --iterations 5` (the demo's 5 iterations,
+# `python -m training refine-sweep --steps 5-11 --seeds 3 --n 128 --iterations 5` (the demo's 5 iterations,
 # scale 200) on validation prompts (train split, prompt/noise seeds 30000-30002; never the demo's report
-# prompts) for the shipped model: step 9 (t = 249) had the best mean GenEval-mini overall, 0.370 ± 0.016
-# against 0.367 ± 0.033 without refinement (paired +0.003 ± 0.019: no real gain; steps 5-7 lost 0.005-0.016).
-# Steps 0-4, 10 and 11 were not re-swept on this model: on the previous one (every step, 10 iterations)
-# steps 0-6 lost 0.018-0.034 and 7 was the argmax at +0.003 ± 0.026. See the README's
-# "Step-selected refinement" section.
-DEFAULT_STEP = 9
+# prompts) for the shipped model: every step lost overall; step 11 (t = 82) least, 0.458 ± 0.027 against
+# 0.466 ± 0.022 without refinement (paired -0.008 ± 0.006; steps 5-10 lost 0.010-0.018). Steps 0-4 were not
+# swept on this model: on an earlier one (every step, 10 iterations) steps 0-6 lost 0.018-0.034. On the
+# first-phase model steps 5-9 gave step 9 at +0.003 ± 0.019. See the README's "Step-selected refinement" section.
+DEFAULT_STEP = 11
 # The demo's IterRef settings (the sweep's): CN+IoU loss (the official mean), 10 iterations, step size
 # alpha_i = 200 * sqrt(linspace(1, 0.5, 12)[i]). A&E's scale 20 is tuned for SD's 4x64x64 latents; on this
 # model it moves the loss by < 1% in 10 iterations and changes no score. A short probe on the validation
