@@ -200,7 +200,7 @@ def test_a_later_phase_starts_from_exported_weights_and_resumes_exactly(tmp_path
     first = P.export(tmp_path / "p1" / "ckpt.pt", tmp_path / "p1" / "tiny_t2i")
     with pytest.raises(ValueError, match="architecture"):
         P.train(tmp_path / "x", steps=2, batch=4, progress=False, init=first, text_config={"layers": 3})
-    with pytest.raises(ValueError, match="config.json"):
+    with pytest.raises(ValueError, match="no tiny text-to-image model"):
         P.train(tmp_path / "x", steps=2, batch=4, progress=False, init=tmp_path / "p1")
     # step 0 of the new phase, before any update: its weights are the exported ones
     P.train(tmp_path / "p2", steps=0, batch=4, progress=False, init=first, seed=5)

@@ -432,22 +432,18 @@ def train(out_dir, steps: int | None = None, minutes: float | None = None, resum
         ucfg, tcfg = dict(ck["unet_config"]), dict(ck["text_config"])
 
     init_meta = ck.get("init_meta") if ck else None  # the earlier phase's config.json, kept for export
-    if init is not None and not ck:
+    start_from = Path(init) if init is not None and not ck else None
+    if start_from is not None:
         if unet_config or text_config:
             raise ValueError("init takes its architecture from the folder; do not pass unet_config/text_config")
-        if not (Path(init) / "config.json").exists():
-            raise ValueError(f"init: no exported tiny_t2i model (config.json) in {init}")
-        init_meta = json.loads((Path(init) / "config.json").read_text())
+        init_meta = _model_meta(start_from)
         ucfg, tcfg = dict(init_meta["unet_config"]), dict(init_meta["text_config"])
     unet, text, tok = build(ucfg, tcfg, seed=cfg["seed"])
-    if init_meta is not None and not ck:
-        from safetensors.torch import load_file
-
+    if start_from is not None:
         if tok.words != init_meta["vocab"]:
-            raise ValueError(f"{init} was trained with another vocabulary")
-        unet.load_state_dict({k: v.float() for k, v in load_file(str(Path(init) / "unet.safetensors")).items()})
-        text.load_state_dict({k: v.float() for k, v in load_file(str(Path(init) / "text_encoder.safetensors")).items()})
-        cfg["init"] = str(init)
+            raise ValueError(f"{start_from} was trained with another vocabulary")
+        _load_weights(start_from, unet, text)
+        cfg["init"] = str(start_from)
     side_head = torch.nn.Linear(tcfg["width"], 1)  # trained only when side_aux > 0; never exported
     params = list(unet.parameters()) + list(text.parameters())
     aux_params = list(side_head.parameters()) if cfg["side_aux"] > 0 else []
@@ -608,26 +604,38 @@ def export(ckpt_path, out_dir=ASSET_DIR, dtype=torch.float32) -> Path:
     return out
 
 
-def load_tiny_t2i(device="cpu", path=None):
-    """The shipped tiny model: (unet, encode) with encode(list[str]) -> (N, 16, 128) context.
-
-    Both are frozen (eval mode, requires_grad False); encode runs without grad.
-    """
-    from diffusers import UNet2DConditionModel
-    from safetensors.torch import load_file
-
-    d = Path(path) if path else ASSET_DIR
+def _model_meta(d: Path) -> dict:
+    """An exported tiny_t2i folder's config.json, checked against this code's noise schedule."""
     if not (d / "config.json").exists():
         raise ValueError(f"no tiny text-to-image model in {d}; run `python -m training demo --pretrain` "
                          f"and export it")
     meta = json.loads((d / "config.json").read_text())
     if tuple(meta["betas"]) != BETAS:
         raise ValueError(f"{d} was trained with betas {meta['betas']}, this code samples with {BETAS}")
-    unet = UNet2DConditionModel(**meta["unet_config"])
+    return meta
+
+
+def _load_weights(d: Path, unet, text) -> None:
+    """Load an exported folder's UNet and text-encoder weights (as float32) into built modules."""
+    from safetensors.torch import load_file
+
     unet.load_state_dict({k: v.float() for k, v in load_file(str(d / "unet.safetensors")).items()})
+    text.load_state_dict({k: v.float() for k, v in load_file(str(d / "text_encoder.safetensors")).items()})
+
+
+def load_tiny_t2i(device="cpu", path=None):
+    """The shipped tiny model: (unet, encode) with encode(list[str]) -> (N, 16, 128) context.
+
+    Both are frozen (eval mode, requires_grad False); encode runs without grad.
+    """
+    from diffusers import UNet2DConditionModel
+
+    d = Path(path) if path else ASSET_DIR
+    meta = _model_meta(d)
+    unet = UNet2DConditionModel(**meta["unet_config"])
     tok = WordTokenizer(meta["vocab"], meta["text_config"]["length"])
     text = TinyTextEncoder(tok.vocab_size, **meta["text_config"])
-    text.load_state_dict({k: v.float() for k, v in load_file(str(d / "text_encoder.safetensors")).items()})
+    _load_weights(d, unet, text)
     for m in (unet, text):
         m.to(device).eval().requires_grad_(False)
 
